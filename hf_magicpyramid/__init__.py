@@ -1,0 +1,40 @@
+"""hf-magicpyramid: early exits and token pruning for any BERT-family encoder, driven through stock Transformers modules.
+
+Importing the package registers `MagicPyramidConfig` (model_type "magic_pyramid") with `AutoConfig`, `AutoModel` and
+`AutoModelForSequenceClassification`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from .adapters import ADAPTERS
+from .configuration_magic_pyramid import MagicPyramidConfig
+from .modeling_magic_pyramid import (
+    MagicPyramidClassifierOutput,
+    MagicPyramidForSequenceClassification,
+    MagicPyramidModel,
+    MagicPyramidModelOutput,
+    MagicPyramidPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+SUPPORTED_BACKBONES = tuple(sorted(ADAPTERS))
+
+AutoConfig.register(MagicPyramidConfig.model_type, MagicPyramidConfig, exist_ok=True)
+AutoModel.register(MagicPyramidConfig, MagicPyramidModel, exist_ok=True)
+AutoModelForSequenceClassification.register(MagicPyramidConfig, MagicPyramidForSequenceClassification, exist_ok=True)
+
+# So that save_pretrained / push_to_hub write the custom code and an `auto_map` for loading with trust_remote_code=True.
+MagicPyramidConfig.register_for_auto_class()
+MagicPyramidModel.register_for_auto_class("AutoModel")
+MagicPyramidForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+__all__ = [
+    "MagicPyramidConfig",
+    "MagicPyramidModel",
+    "MagicPyramidForSequenceClassification",
+    "MagicPyramidPreTrainedModel",
+    "MagicPyramidClassifierOutput",
+    "MagicPyramidModelOutput",
+    "SUPPORTED_BACKBONES",
+]

@@ -1,0 +1,581 @@
+"""Magic Pyramid models: a stock encoder driven layer by layer, with early exits (depth) and token pruning (width).
+
+The backbone is the stock `XxxForSequenceClassification` of the installed transformers, held whole as `self.backbone`:
+its embeddings, layers and classification head run unchanged (the head is the final exit). The loop below only decides
+which samples and which tokens go on to the next layer, and really removes the others from the batch and the sequence.
+
+This file travels to the Hub as custom code: it imports only installed packages and same-folder modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from .adapters import (
+    build_context,
+    check_supported,
+    finalize,
+    get_path,
+    layer_modules,
+    layer_widths,
+    max_positions,
+    run_layer,
+    slim_layer,
+)
+from .configuration_magic_pyramid import MagicPyramidConfig, check_pruning_knobs, check_speed
+from .exits import ExitHead, PatienceState, exit_decision, exit_objective_loss, resolve_problem_type
+from .pruning import AttentionCapture, select_tokens, threshold_counts, topk_counts
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_magic_pyramid.MagicPyramidConfig",
+    "AutoModel": "modeling_magic_pyramid.MagicPyramidModel",
+    "AutoModelForSequenceClassification": "modeling_magic_pyramid.MagicPyramidForSequenceClassification",
+}
+
+
+@dataclass
+class MagicPyramidClassifierOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor`, *optional*): the configured training objective, when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): each sample's logits at the exit it took.
+        exit_layer (`torch.LongTensor` of shape `(batch_size,)`): the 1-based layer each sample exited after.
+        exit_logits (`tuple(torch.FloatTensor)`, *optional*): logits of every exit, in `exit_layers` order, for the whole
+            batch (training, or `output_all_exits=True`).
+        kept_tokens (`torch.LongTensor` of shape `(batch_size, num_layers)`): real tokens each sample ran through in each
+            layer (0 after it exited).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    exit_layer: torch.LongTensor | None = None
+    exit_logits: tuple[torch.FloatTensor, ...] | None = None
+    kept_tokens: torch.LongTensor | None = None
+
+
+@dataclass
+class MagicPyramidModelOutput(ModelOutput):
+    """
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, kept_len, hidden_size)`): the last layer's output
+            on the tokens still kept (all tokens when pruning is off).
+        attention_mask (`torch.LongTensor` of shape `(batch_size, kept_len)`): 1 on the kept real tokens.
+        token_positions (`torch.LongTensor` of shape `(batch_size, kept_len)`): original positions of the kept tokens.
+        kept_tokens (`torch.LongTensor` of shape `(batch_size, num_layers)`): real tokens per sample in each layer.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    attention_mask: torch.LongTensor | None = None
+    token_positions: torch.LongTensor | None = None
+    kept_tokens: torch.LongTensor | None = None
+
+
+class MagicPyramidPreTrainedModel(PreTrainedModel):
+    config_class = MagicPyramidConfig
+    config: MagicPyramidConfig
+    base_model_prefix = "magic_pyramid"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    # forward computes its own loss from its own outputs and does not read `num_items_in_batch`: the Trainer must scale it.
+    accepts_loss_kwargs = False
+    _auto_model_class = None  # set by subclasses: the Auto class that builds the stock backbone
+
+    def __init__(self, config: MagicPyramidConfig):
+        super().__init__(config)
+        self.adapter = check_supported(config.backbone_type)
+        backbone_config = copy.deepcopy(config.backbone_config)
+        for name in ("id2label", "label2id", "problem_type"):
+            setattr(backbone_config, name, copy.deepcopy(getattr(config, name)))
+        attn = config._attn_implementation
+        if attn == "sdpa" and not self.adapter.sdpa:
+            attn = "eager"
+            config._attn_implementation = "eager"
+        self.backbone = self._auto_model_class.from_config(backbone_config, attn_implementation=attn)
+        self._slim_to_config()
+        # save_pretrained adds only the saved class to `auto_map`; every Auto class must load a saved folder remotely.
+        config.auto_map = dict(AUTO_MAP, **(getattr(config, "auto_map", None) or {}))
+
+    # The stock model inside has its own `_init_weights`; `initialize_weights` dispatches to it for its modules.
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = getattr(self.config.backbone_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def base_encoder(self) -> nn.Module:
+        """The stock base model (e.g. `BertModel`) whose modules the loop runs."""
+        backbone = self.backbone
+        return getattr(backbone, self.adapter.base_attr) if hasattr(backbone, self.adapter.base_attr) else backbone
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return layer_modules(self.adapter, self.base_encoder)
+
+    def _slim_to_config(self) -> None:
+        """Shrink each layer to `heads_per_layer` / `ffn_per_layer` so a slender checkpoint loads into the right shapes."""
+        config = self.config
+        if config.heads_per_layer is None and config.ffn_per_layer is None:
+            return
+        for layer, heads, ffn in zip(self.layers, config.resolved_heads(), config.resolved_ffn()):
+            full_heads, full_ffn = layer_widths(self.adapter, layer)
+            slim_layer(
+                self.adapter,
+                layer,
+                torch.arange(heads) if heads != full_heads else None,
+                torch.arange(ffn) if ffn != full_ffn else None,
+            )
+
+    def layer_widths(self) -> list[tuple[int, int]]:
+        """(attention heads, FFN neurons) of every layer as built."""
+        return [layer_widths(self.adapter, layer) for layer in self.layers]
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        limit = max_positions(self.adapter, self.config.backbone_config)
+        if limit is not None and shape[1] > limit:
+            raise ValueError(
+                f"Input length {shape[1]} exceeds the {limit} positions this {self.adapter.model_type} backbone supports; "
+                f"truncate the input (e.g. tokenizer(..., truncation=True, max_length={limit}))."
+            )
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
+        elif attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(shape):
+            raise ValueError(
+                f"attention_mask must be a 2D (batch, seq_len) 0/1 tensor of shape {tuple(shape)}, got {tuple(attention_mask.shape)}."
+            )
+        return attention_mask
+
+    def _pruning_plan(self, keep_ratio_scale, prune_threshold_offset):
+        """Per layer (0-based, before layer i runs): ("topk", ratio) / ("threshold", value) / None."""
+        config = self.config
+        mode = config.token_pruning
+        if mode == "none":
+            return [None] * config.num_hidden_layers
+        scale = config.keep_ratio_scale if keep_ratio_scale is None else keep_ratio_scale
+        offset = config.prune_threshold_offset if prune_threshold_offset is None else prune_threshold_offset
+        check_pruning_knobs(scale, offset)
+        plan = [None]
+        if mode == "topk":
+            ratios = config.resolved_keep_ratios()
+            for i in range(1, config.num_hidden_layers):
+                ratio = min(1.0, ratios[i] ** scale)
+                plan.append(("topk", ratio) if ratio < 1.0 else None)
+        else:
+            thresholds = config.resolved_prune_thresholds()
+            for i in range(1, config.num_hidden_layers):
+                value = thresholds[i] + offset
+                plan.append(("threshold", value) if value > 0 else None)
+        return plan
+
+
+class _Stream:
+    """The rows (samples) and columns (tokens) still running, with what each layer needs about them."""
+
+    def __init__(self, model, hidden, attention_mask):
+        self.model = model
+        batch, seq_len = attention_mask.shape
+        self.hidden = hidden
+        self.attention_mask = attention_mask
+        self.positions = torch.arange(seq_len, device=hidden.device).unsqueeze(0).expand(batch, seq_len)
+        self.rows = torch.arange(batch, device=hidden.device)  # original sample index of each running row
+        self.original_lengths = attention_mask.sum(dim=1)
+        self.pruned = False
+        self.ctx = None
+        self.drop_padding_columns()
+
+    def refresh(self):
+        self.ctx = build_context(
+            self.model.adapter, self.model.base_encoder, self.hidden, self.attention_mask, self.positions, self.pruned
+        )
+
+    def keep_rows(self, keep: torch.Tensor):
+        self.hidden = self.hidden[keep]
+        self.attention_mask = self.attention_mask[keep]
+        self.positions = self.positions[keep]
+        self.rows = self.rows[keep]
+        self.original_lengths = self.original_lengths[keep]
+        self.drop_padding_columns()
+
+    def keep_tokens(self, index: torch.Tensor, new_mask: torch.Tensor):
+        self.hidden = self.hidden.gather(1, index[:, :, None].expand(-1, -1, self.hidden.shape[-1]))
+        self.positions = self.positions.gather(1, index)
+        self.attention_mask = new_mask
+        self.pruned = True
+        self.ctx = None
+
+    def drop_padding_columns(self):
+        """Remove columns that are padding in every running row (e.g. after the longest sample exited)."""
+        used = self.attention_mask.bool().any(dim=0)
+        if bool(used.all()):
+            self.ctx = None
+            return
+        columns = used.nonzero().squeeze(1)
+        is_prefix = int(columns[-1]) == columns.numel() - 1
+        self.hidden = self.hidden[:, columns]
+        self.attention_mask = self.attention_mask[:, columns]
+        self.positions = self.positions[:, columns]
+        # Trailing padding removed: positions are still 0..n-1. Anything else: positions must be passed explicitly.
+        self.pruned = self.pruned or not is_prefix
+        self.ctx = None
+
+
+def _run_encoder(
+    model: MagicPyramidPreTrainedModel,
+    input_ids,
+    attention_mask,
+    token_type_ids,
+    position_ids,
+    inputs_embeds,
+    keep_ratio_scale=None,
+    prune_threshold_offset=None,
+    on_layer=None,
+):
+    """The shared layer loop. `on_layer(i, stream)` runs after layer i (0-based) and may remove rows; returns the stream
+    and kept_tokens (batch, num_layers)."""
+    config = model.config
+    adapter = model.adapter
+    base = model.base_encoder
+    attention_mask = model._check_inputs(input_ids, inputs_embeds, attention_mask)
+    hidden = adapter.embed(base, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
+    stream = _Stream(model, hidden, attention_mask)
+    batch = attention_mask.shape[0]
+    num_layers = config.num_hidden_layers
+    kept_tokens = torch.zeros(batch, num_layers, dtype=torch.long, device=hidden.device)
+    plan = model._pruning_plan(keep_ratio_scale, prune_threshold_offset)
+    attn_impl = config.backbone_config._attn_implementation or "eager"
+    layers = model.layers
+    for i, layer in enumerate(layers):
+        if stream.ctx is None:
+            stream.refresh()
+        kept_tokens[stream.rows, i] = stream.attention_mask.sum(dim=1)
+        next_step = plan[i + 1] if i + 1 < num_layers else None
+        if next_step is None:
+            stream.hidden, _ = run_layer(adapter, base, i, layer, stream.hidden, stream.ctx)
+        else:
+            with AttentionCapture(adapter, layer, config.token_importance, attn_impl) as capture:
+                stream.hidden, weights = run_layer(
+                    adapter, base, i, layer, stream.hidden, stream.ctx, output_attentions=capture.needs_layer_weights
+                )
+                if capture.needs_layer_weights:
+                    capture.set_layer_weights(weights)
+            scores = capture.scores(stream.ctx)
+        if on_layer is not None and on_layer(i, stream):
+            break
+        if stream.rows.numel() == 0:
+            break
+        if next_step is not None:
+            kind, value = next_step
+            if kind == "topk":
+                counts = topk_counts(stream.original_lengths, value, config.min_kept_tokens)
+            else:
+                counts = threshold_counts(scores, stream.attention_mask, value, config.min_kept_tokens)
+            if bool((counts < stream.attention_mask.sum(dim=1)).any()):
+                index, new_mask = select_tokens(scores, stream.attention_mask, counts)
+                stream.keep_tokens(index, new_mask)
+    return stream, kept_tokens
+
+
+class MagicPyramidModel(MagicPyramidPreTrainedModel):
+    """The bare encoder: the stock base model run layer by layer, with token pruning when configured."""
+
+    _auto_model_class = AutoModel
+
+    def __init__(self, config: MagicPyramidConfig):
+        super().__init__(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        keep_ratio_scale: float | None = None,
+        prune_threshold_offset: float | None = None,
+        **kwargs,
+    ) -> MagicPyramidModelOutput:
+        stream, kept_tokens = _run_encoder(
+            self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, keep_ratio_scale, prune_threshold_offset
+        )
+        return MagicPyramidModelOutput(
+            last_hidden_state=finalize(self.adapter, self.base_encoder, stream.hidden),
+            attention_mask=stream.attention_mask,
+            token_positions=stream.positions,
+            kept_tokens=kept_tokens,
+        )
+
+
+class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
+    """A stock sequence classifier with an exit after chosen layers and optional token pruning.
+
+    The final exit is the stock classification head, so a converted fine-tuned classifier gives the same logits.
+    """
+
+    _auto_model_class = AutoModelForSequenceClassification
+
+    def __init__(self, config: MagicPyramidConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.exit_layers = config.resolved_exit_layers()
+        backbone_config = config.backbone_config
+        dropout = getattr(backbone_config, "hidden_dropout_prob", None)
+        if dropout is None:
+            dropout = getattr(backbone_config, "dropout", None) or getattr(backbone_config, "classifier_dropout", None) or 0.1
+        eps = getattr(backbone_config, "layer_norm_eps", None) or getattr(backbone_config, "norm_eps", 1e-12)
+        # One head per intermediate exit; keys are 1-based layer numbers as strings (nn.ModuleDict needs str keys).
+        self.exits = nn.ModuleDict(
+            {
+                str(layer): ExitHead(config.hidden_size, config.num_labels, config.exit_pooling, dropout, eps)
+                for layer in self.exit_layers[:-1]
+            }
+        )
+        self.train_stage = 1  # for the two-stage objectives: 1 = backbone + final head, 2 = exits
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Speed knob
+    # ----------------------------------------------------------------------------------------------------------------
+    _UNSET = object()
+
+    def set_speed(self, exit_threshold=_UNSET, patience=_UNSET, keep_ratio_scale=_UNSET, prune_threshold_offset=_UNSET):
+        """Change the run-time speed without retraining or reloading; validated, stored in the config (so it saves).
+
+        `exit_threshold` (entropy / confidence, in [0, 1], None = never exit early), `patience` (int >= 1, None = never),
+        `keep_ratio_scale` (topk pruning, in (0, 10]: kept share = ratio ** scale), `prune_threshold_offset` (threshold
+        pruning, in [-1, 1]). Returns self.
+        """
+        config = self.config
+        threshold = config.exit_threshold if exit_threshold is self._UNSET else exit_threshold
+        patience_value = config.patience if patience is self._UNSET else patience
+        scale = config.keep_ratio_scale if keep_ratio_scale is self._UNSET else keep_ratio_scale
+        offset = config.prune_threshold_offset if prune_threshold_offset is self._UNSET else prune_threshold_offset
+        check_speed(config.exit_criterion, threshold, patience_value)
+        check_pruning_knobs(scale, offset)
+        config.exit_threshold, config.patience = threshold, patience_value
+        config.keep_ratio_scale, config.prune_threshold_offset = scale, offset
+        return self
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Forward
+    # ----------------------------------------------------------------------------------------------------------------
+    def final_logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The stock head on the last layer's output (after the base model's final norm, if any)."""
+        hidden = finalize(self.adapter, self.base_encoder, hidden)
+        return self.adapter.final_head(self.backbone, hidden, attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        exit_threshold: float | None = None,
+        patience: int | None = None,
+        keep_ratio_scale: float | None = None,
+        prune_threshold_offset: float | None = None,
+        output_all_exits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MagicPyramidClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, or float `(batch_size, num_labels)` for multi-label / regression):
+            When given, the loss of the configured `exit_objective` over every exit is returned.
+        exit_threshold, patience, keep_ratio_scale, prune_threshold_offset:
+            Override the config's speed for this call only (see `set_speed`).
+        output_all_exits (`bool`, *optional*):
+            Run every sample through every layer and return every exit's logits (`exit_logits`); used for training (the
+            default in training mode) and for calibration. Otherwise samples leave the batch at their exit.
+        """
+        config = self.config
+        threshold = config.exit_threshold if exit_threshold is None else exit_threshold
+        patience_value = config.patience if patience is None else patience
+        if exit_threshold is not None or patience is not None:
+            check_speed(config.exit_criterion, threshold, patience_value)
+        all_exits = self.training if output_all_exits is None else output_all_exits
+        problem_type = resolve_problem_type(config, labels)
+        num_layers = config.num_hidden_layers
+
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch = reference.shape[0]
+        device = reference.device
+        logits_out = None
+        exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
+        collected: list[torch.Tensor] = []
+        patience_state = PatienceState(batch, device)
+
+        def on_layer(i: int, stream: _Stream) -> bool:
+            nonlocal logits_out
+            layer_number = i + 1
+            if layer_number not in self.exit_layers:
+                return False
+            if layer_number == num_layers:
+                logits = self.final_logits(stream.hidden, stream.attention_mask)
+            else:
+                logits = self.exits[str(layer_number)](stream.hidden, stream.attention_mask)
+            if logits_out is None:
+                logits_out = logits.new_zeros(batch, logits.shape[-1])
+            if all_exits:
+                collected.append(logits)
+                if layer_number == num_layers:
+                    logits_out = logits
+                return False
+            if layer_number == num_layers:
+                logits_out = logits_out.index_put((stream.rows,), logits)
+                return True
+            done = exit_decision(
+                logits, config.exit_criterion, threshold, patience_value, problem_type, patience_state, config.regression_tolerance
+            )
+            if bool(done.any()):
+                leaving = stream.rows[done]
+                logits_out = logits_out.index_put((leaving,), logits[done])
+                exit_layer[leaving] = layer_number
+                keep = ~done
+                stream.keep_rows(keep)
+                patience_state.keep_rows(keep)
+            return False
+
+        _, kept_tokens = _run_encoder(
+            self,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            keep_ratio_scale,
+            prune_threshold_offset,
+            on_layer=on_layer,
+        )
+
+        loss = None
+        if labels is not None:
+            if not all_exits:
+                raise ValueError("A loss needs every exit's logits: call with output_all_exits=True (the default in training mode).")
+            self._check_labels(labels, problem_type)
+            loss = exit_objective_loss(
+                collected,
+                self.exit_layers,
+                labels,
+                problem_type,
+                config.exit_objective,
+                self.train_stage,
+                config.distillation_temperature,
+            )
+        return MagicPyramidClassifierOutput(
+            loss=loss,
+            logits=logits_out,
+            exit_layer=exit_layer,
+            exit_logits=tuple(collected) if all_exits else None,
+            kept_tokens=kept_tokens,
+        )
+
+    def _check_labels(self, labels: torch.Tensor, problem_type: str) -> None:
+        if problem_type == "single_label_classification":
+            bad = (labels < 0) | (labels >= self.num_labels)
+            if bool((bad & (labels != -100)).any()):
+                value = labels[bad & (labels != -100)][0].item()
+                raise ValueError(f"Label {value} is out of range: this model has num_labels={self.num_labels} (labels 0..{self.num_labels - 1}).")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Conversion
+    # ----------------------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_backbone(
+        cls,
+        name_or_path,
+        num_labels: int | None = None,
+        id2label: dict | None = None,
+        label2id: dict | None = None,
+        problem_type: str | None = None,
+        attn_implementation: str | None = None,
+        dtype=None,
+        **pyramid_options,
+    ) -> "MagicPyramidForSequenceClassification":
+        """Convert any supported checkpoint (a bare encoder or a fine-tuned `XxxForSequenceClassification`) or a stock
+        model instance. A fine-tuned classifier's head becomes the final exit, so logits are unchanged before training.
+
+        `pyramid_options` are `MagicPyramidConfig` fields (`exit_layers`, `exit_criterion`, `token_pruning`, ...).
+        Raises `ValueError` when `num_labels` disagrees with a loaded classifier's head.
+        """
+        if isinstance(name_or_path, PreTrainedModel):
+            stock = name_or_path
+        else:
+            from transformers import AutoConfig
+
+            stock_config = AutoConfig.from_pretrained(name_or_path)
+            check_supported(stock_config.model_type)
+            fine_tuned = any(a.endswith("ForSequenceClassification") for a in (stock_config.architectures or []))
+            load_kwargs = {}
+            if attn_implementation is not None:
+                load_kwargs["attn_implementation"] = attn_implementation
+            if dtype is not None:
+                load_kwargs["dtype"] = dtype
+            if fine_tuned:
+                if num_labels is not None and num_labels != stock_config.num_labels:
+                    raise ValueError(
+                        f"num_labels={num_labels} does not match the loaded classifier of {name_or_path!s}, which has "
+                        f"{stock_config.num_labels} labels ({list(stock_config.id2label.values())}). Pass "
+                        f"num_labels={stock_config.num_labels} (or omit it) to keep its head, or start from the bare encoder."
+                    )
+            else:
+                label_kwargs = {k: v for k, v in (("num_labels", num_labels), ("id2label", id2label), ("label2id", label2id)) if v is not None}
+                if problem_type is not None:
+                    label_kwargs["problem_type"] = problem_type
+                stock_config = AutoConfig.from_pretrained(name_or_path, **label_kwargs)
+            stock = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=stock_config, **load_kwargs)
+        check_supported(stock.config.model_type)
+        if num_labels is not None and num_labels != stock.config.num_labels:
+            raise ValueError(
+                f"num_labels={num_labels} does not match the given classifier, which has {stock.config.num_labels} labels."
+            )
+        stock_config = stock.config
+        config = MagicPyramidConfig(
+            backbone_config=copy.deepcopy(stock_config),
+            id2label=dict(stock_config.id2label),
+            label2id=dict(stock_config.label2id),
+            problem_type=stock_config.problem_type,
+            **pyramid_options,
+        )
+        config._attn_implementation = stock_config._attn_implementation
+        model = cls(config)
+        missing, unexpected = model.backbone.load_state_dict(stock.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"The stock weights do not fit the built backbone: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        model.to(dtype=next(stock.parameters()).dtype)
+        model.name_or_path = getattr(stock, "name_or_path", "")
+        return model
+
+
+__all__ = ["MagicPyramidModel", "MagicPyramidForSequenceClassification", "MagicPyramidPreTrainedModel"]
