@@ -299,9 +299,49 @@ class LayerContext:
 
 
 def build_context(
-    adapter: BackboneAdapter, base: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, pruned: bool
+    adapter: BackboneAdapter,
+    base: nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: torch.Tensor,
+    pruned: bool,
+    key_bias: torch.Tensor | None = None,
 ) -> LayerContext:
-    """Masks and position information for the sequence in `hidden` (batch, seq_len, hidden)."""
+    """Masks and position information for the sequence in `hidden` (batch, seq_len, hidden).
+
+    `key_bias` (batch, seq_len), optional: added to every query's attention logits for each key (LTP's soft mask,
+    as log(mask)); the layer mask then becomes a float additive (batch, 1, seq_len, seq_len) tensor.
+    """
+    ctx = _build_context(adapter, base, hidden, attention_mask, positions, pruned)
+    if key_bias is not None:
+        if adapter.call == "deberta":
+            raise ValueError(
+                "Soft token masks (token_pruning='threshold' while learning thresholds) are not supported for deberta-v2, "
+                "whose attention takes a 0/1 mask; learn a 'topk' schedule instead, or fix thresholds (pruning_phase='hard')."
+            )
+        ctx.extras["key_bias"] = key_bias
+        if isinstance(ctx.layer_mask, dict):
+            ctx.layer_mask = {k: _add_key_bias(v, key_bias, hidden.dtype) for k, v in ctx.layer_mask.items()}
+        else:
+            ctx.layer_mask = _add_key_bias(ctx.layer_mask, key_bias, hidden.dtype)
+    return ctx
+
+
+def _add_key_bias(mask, key_bias: torch.Tensor, dtype) -> torch.Tensor:
+    """Turn a stock mask (None, bool keep-mask, or float additive) into float additive plus a per-key bias."""
+    batch, seq_len = key_bias.shape
+    minimum = torch.finfo(dtype).min
+    if mask is None:
+        additive = key_bias.new_zeros(batch, 1, seq_len, seq_len, dtype=dtype)
+    elif mask.dtype == torch.bool:
+        additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, minimum)
+    else:
+        additive = mask.to(dtype)
+    # Clamp so that padding (already at the dtype's minimum) does not overflow to -inf and produce NaNs.
+    return (additive + key_bias[:, None, None, :].to(dtype)).clamp(min=minimum)
+
+
+def _build_context(adapter, base, hidden, attention_mask, positions, pruned) -> LayerContext:
     config = base.config
     ctx = LayerContext(attention_mask=attention_mask, positions=positions, pruned=pruned, extras={})
     if adapter.call == "deberta":

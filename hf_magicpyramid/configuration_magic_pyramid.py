@@ -80,6 +80,10 @@ class MagicPyramidConfig(PreTrainedConfig):
             Run-time knob for `"threshold"`: added to every threshold except the first, in [-1, 1].
         min_kept_tokens (`int`, defaults to 1):
             Pruning never leaves a sample with fewer tokens than this (the first token always stays).
+        pruning_temperature (`float`, defaults to 0.01):
+            LTP's soft phase: a token's soft mask is sigmoid((importance - threshold) / pruning_temperature).
+        pruning_penalty (`float`, defaults to 0.1):
+            LTP's soft phase: weight λ of the kept-token penalty (the mean soft-kept share of tokens over layers).
         heads_per_layer (`list[int]`, *optional*):
             Attention heads kept in each layer (a slenderized model). Defaults to the backbone's head count everywhere.
         ffn_per_layer (`list[int]`, *optional*):
@@ -105,6 +109,8 @@ class MagicPyramidConfig(PreTrainedConfig):
     keep_ratio_scale: float = 1.0
     prune_threshold_offset: float = 0.0
     min_kept_tokens: int = 1
+    pruning_temperature: float = 0.01
+    pruning_penalty: float = 0.1
     heads_per_layer: list[int] | None = None
     ffn_per_layer: list[int] | None = None
 
@@ -183,6 +189,8 @@ class MagicPyramidConfig(PreTrainedConfig):
         check_speed(self.exit_criterion, self.exit_threshold, self.patience)
         _check_range("regression_tolerance", self.regression_tolerance, 0.0, math.inf)
         _check_range("distillation_temperature", self.distillation_temperature, 1e-6, math.inf)
+        _check_range("pruning_temperature", self.pruning_temperature, 1e-6, math.inf)
+        _check_range("pruning_penalty", self.pruning_penalty, 0.0, math.inf)
         check_pruning_knobs(self.keep_ratio_scale, self.prune_threshold_offset)
         if isinstance(self.min_kept_tokens, bool) or not isinstance(self.min_kept_tokens, int) or self.min_kept_tokens < 1:
             raise ValueError(f"min_kept_tokens={self.min_kept_tokens!r} is invalid: it must be an integer >= 1.")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 
 from .adapters import (
@@ -51,6 +52,8 @@ class MagicPyramidClassifierOutput(ModelOutput):
             batch (training, or `output_all_exits=True`).
         kept_tokens (`torch.LongTensor` of shape `(batch_size, num_layers)`): real tokens each sample ran through in each
             layer (0 after it exited).
+        pruning_loss (`torch.FloatTensor`, *optional*): LTP's kept-token penalty (soft phase), before its weight
+            `pruning_penalty`; already included in `loss`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -58,6 +61,7 @@ class MagicPyramidClassifierOutput(ModelOutput):
     exit_layer: torch.LongTensor | None = None
     exit_logits: tuple[torch.FloatTensor, ...] | None = None
     kept_tokens: torch.LongTensor | None = None
+    pruning_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -101,20 +105,39 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
             config._attn_implementation = "eager"
         self.backbone = self._auto_model_class.from_config(backbone_config, attn_implementation=attn)
         self._slim_to_config()
+        if config.token_pruning == "threshold":
+            # LTP's learned per-layer thresholds: parameters (so the soft phase can learn them), mirrored in the config.
+            self.prune_thresholds = nn.Parameter(torch.tensor(config.resolved_prune_thresholds(), dtype=torch.float32))
+        # "soft": LTP's first phase in training mode (sigmoid masks, thresholds learned); "hard": tokens really removed.
+        self.pruning_phase = "hard"
         # save_pretrained adds only the saved class to `auto_map`; every Auto class must load a saved folder remotely.
         config.auto_map = dict(AUTO_MAP, **(getattr(config, "auto_map", None) or {}))
 
     # The stock model inside has its own `_init_weights`; `initialize_weights` dispatches to it for its modules.
+    # `transformers.initialization` functions skip tensors already loaded from a checkpoint.
     @torch.no_grad()
     def _init_weights(self, module):
         std = getattr(self.config.backbone_config, "initializer_range", 0.02)
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, MagicPyramidPreTrainedModel) and getattr(module, "prune_thresholds", None) is not None:
+            init.copy_(module.prune_thresholds, torch.tensor(module.config.resolved_prune_thresholds()))
+
+    def sync_config(self) -> None:
+        """Copy learned state that the config mirrors (LTP thresholds) into the config."""
+        if getattr(self, "prune_thresholds", None) is not None:
+            values = [round(float(v), 6) for v in self.prune_thresholds.detach().clamp(0.0, 1.0).cpu()]
+            values[0] = 0.0
+            self.config.prune_thresholds = values
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.sync_config()
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def base_encoder(self) -> nn.Module:
@@ -179,9 +202,12 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
                 ratio = min(1.0, ratios[i] ** scale)
                 plan.append(("topk", ratio) if ratio < 1.0 else None)
         else:
-            thresholds = config.resolved_prune_thresholds()
+            soft = self.training and self.pruning_phase == "soft"
             for i in range(1, config.num_hidden_layers):
-                value = thresholds[i] + offset
+                if soft:
+                    plan.append(("soft", i))
+                    continue
+                value = float(self.prune_thresholds[i]) + offset
                 plan.append(("threshold", value) if value > 0 else None)
         return plan
 
@@ -199,12 +225,26 @@ class _Stream:
         self.original_lengths = attention_mask.sum(dim=1)
         self.pruned = False
         self.ctx = None
+        self.scores = None  # (batch, seq_len) importance from the last layer, when the next one prunes
+        self.soft_keep = None  # (batch, seq_len) LTP's soft mask, a product over layers (soft phase only)
+        self.penalties: list[torch.Tensor] = []
         self.drop_padding_columns()
 
     def refresh(self):
+        key_bias = None if self.soft_keep is None else self.soft_keep.clamp(min=1e-6).log()
         self.ctx = build_context(
-            self.model.adapter, self.model.base_encoder, self.hidden, self.attention_mask, self.positions, self.pruned
+            self.model.adapter, self.model.base_encoder, self.hidden, self.attention_mask, self.positions, self.pruned, key_bias
         )
+
+    def soften(self, threshold: torch.Tensor, temperature: float):
+        """LTP's soft phase: multiply each token's running mask by sigmoid((importance - threshold) / T)."""
+        real = self.attention_mask.to(self.scores.dtype)
+        soft = torch.sigmoid((self.scores - threshold) / temperature) * real
+        soft = torch.cat([real[:, :1], soft[:, 1:]], dim=1)  # the first token always stays
+        self.soft_keep = soft if self.soft_keep is None else self.soft_keep * soft
+        # The kept-token penalty: the soft share of each sample's real tokens still in play.
+        self.penalties.append((self.soft_keep.sum(dim=1) / real.sum(dim=1).clamp(min=1.0)).mean())
+        self.ctx = None
 
     def keep_rows(self, keep: torch.Tensor):
         self.hidden = self.hidden[keep]
@@ -212,6 +252,10 @@ class _Stream:
         self.positions = self.positions[keep]
         self.rows = self.rows[keep]
         self.original_lengths = self.original_lengths[keep]
+        if self.scores is not None:
+            self.scores = self.scores[keep]
+        if self.soft_keep is not None:
+            self.soft_keep = self.soft_keep[keep]
         self.drop_padding_columns()
 
     def keep_tokens(self, index: torch.Tensor, new_mask: torch.Tensor):
@@ -224,7 +268,7 @@ class _Stream:
     def drop_padding_columns(self):
         """Remove columns that are padding in every running row (e.g. after the longest sample exited)."""
         used = self.attention_mask.bool().any(dim=0)
-        if bool(used.all()):
+        if bool(used.all()) or self.rows.numel() == 0:
             self.ctx = None
             return
         columns = used.nonzero().squeeze(1)
@@ -232,6 +276,10 @@ class _Stream:
         self.hidden = self.hidden[:, columns]
         self.attention_mask = self.attention_mask[:, columns]
         self.positions = self.positions[:, columns]
+        if self.scores is not None:
+            self.scores = self.scores[:, columns]
+        if self.soft_keep is not None:
+            self.soft_keep = self.soft_keep[:, columns]
         # Trailing padding removed: positions are still 0..n-1. Anything else: positions must be passed explicitly.
         self.pruned = self.pruned or not is_prefix
         self.ctx = None
@@ -276,20 +324,25 @@ def _run_encoder(
                 )
                 if capture.needs_layer_weights:
                     capture.set_layer_weights(weights)
-            scores = capture.scores(stream.ctx)
+            stream.scores = capture.scores(stream.ctx)
         if on_layer is not None and on_layer(i, stream):
             break
         if stream.rows.numel() == 0:
             break
         if next_step is not None:
             kind, value = next_step
+            if kind == "soft":
+                stream.soften(model.prune_thresholds[value], config.pruning_temperature)
+                stream.scores = None
+                continue
             if kind == "topk":
                 counts = topk_counts(stream.original_lengths, value, config.min_kept_tokens)
             else:
-                counts = threshold_counts(scores, stream.attention_mask, value, config.min_kept_tokens)
+                counts = threshold_counts(stream.scores, stream.attention_mask, value, config.min_kept_tokens)
             if bool((counts < stream.attention_mask.sum(dim=1)).any()):
-                index, new_mask = select_tokens(scores, stream.attention_mask, counts)
+                index, new_mask = select_tokens(stream.scores, stream.attention_mask, counts)
                 stream.keep_tokens(index, new_mask)
+            stream.scores = None
     return stream, kept_tokens
 
 
@@ -467,7 +520,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
                 patience_state.keep_rows(keep)
             return False
 
-        _, kept_tokens = _run_encoder(
+        stream, kept_tokens = _run_encoder(
             self,
             input_ids,
             attention_mask,
@@ -493,12 +546,16 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
                 self.train_stage,
                 config.distillation_temperature,
             )
+        pruning_loss = torch.stack(stream.penalties).mean() if stream.penalties else None
+        if loss is not None and pruning_loss is not None:
+            loss = loss + config.pruning_penalty * pruning_loss
         return MagicPyramidClassifierOutput(
             loss=loss,
             logits=logits_out,
             exit_layer=exit_layer,
             exit_logits=tuple(collected) if all_exits else None,
             kept_tokens=kept_tokens,
+            pruning_loss=pruning_loss,
         )
 
     def _check_labels(self, labels: torch.Tensor, problem_type: str) -> None:

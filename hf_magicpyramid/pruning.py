@@ -111,6 +111,8 @@ class AttentionCapture:
                 window = self.layer.attn.config.sliding_window
                 allowed = allowed & ((ctx.positions - ctx.positions[:, :1]).abs() <= window)
         logits = torch.matmul(query, key.transpose(-1, -2)).squeeze(2) * head_dim**-0.5  # (batch, heads, seq_len)
+        if ctx.extras.get("key_bias") is not None:  # LTP's soft mask, as the layer itself saw it
+            logits = logits + ctx.extras["key_bias"][:, None, :].to(logits.dtype)
         logits = logits.masked_fill(~allowed[:, None, :], torch.finfo(logits.dtype).min)
         return torch.softmax(logits.float(), dim=-1).mean(dim=1)
 
