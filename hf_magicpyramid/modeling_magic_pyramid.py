@@ -308,7 +308,7 @@ def _run_encoder(
     num_layers = config.num_hidden_layers
     kept_tokens = torch.zeros(batch, num_layers, dtype=torch.long, device=hidden.device)
     plan = model._pruning_plan(keep_ratio_scale, prune_threshold_offset)
-    attn_impl = config.backbone_config._attn_implementation or "eager"
+    attn_impl = model.backbone.config._attn_implementation or "eager"
     layers = model.layers
     for i, layer in enumerate(layers):
         if stream.ctx is None:

@@ -133,7 +133,9 @@ def select_tokens(
     ranked[:, 0] = math.inf  # the first token ([CLS]) always stays
     keep_counts = torch.minimum(keep_counts, real.sum(dim=1)).clamp(min=1)
     kept_len = int(keep_counts.max())
-    top = ranked.topk(kept_len, dim=1).indices  # (batch, kept_len), best first
+    # Best first; ties (e.g. zero attention outside a sliding window) go to the earlier token, so a sample's choice
+    # does not depend on its padding or on the batch around it.
+    top = ranked.sort(dim=1, descending=True, stable=True).indices[:, :kept_len]  # (batch, kept_len)
     valid = torch.arange(kept_len, device=scores.device)[None, :] < keep_counts[:, None]
     # Invalid slots (beyond a sample's own count) sort to the end, kept tokens keep their original order.
     order_key = torch.where(valid, top, top.new_full(top.shape, scores.shape[1]) + torch.arange(kept_len, device=scores.device))
