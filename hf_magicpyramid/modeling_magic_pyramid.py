@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
 
 from .adapters import (
     build_context,
@@ -30,9 +31,12 @@ from .adapters import (
     slim_layer,
 )
 from .configuration_magic_pyramid import MagicPyramidConfig, check_pruning_knobs, check_speed
+from .flops import sample_flops
 from .exits import ExitHead, PatienceState, exit_decision, exit_objective_loss, resolve_problem_type
 from .pruning import AttentionCapture, select_tokens, threshold_counts, topk_counts
 
+
+logger = logging.get_logger(__name__)
 
 AUTO_MAP = {
     "AutoConfig": "configuration_magic_pyramid.MagicPyramidConfig",
@@ -52,6 +56,9 @@ class MagicPyramidClassifierOutput(ModelOutput):
             batch (training, or `output_all_exits=True`).
         kept_tokens (`torch.LongTensor` of shape `(batch_size, num_layers)`): real tokens each sample ran through in each
             layer (0 after it exited).
+        flops (`torch.LongTensor` of shape `(batch_size,)`, *optional*): analytic FLOPs of the work each sample really
+            cost (embeddings, layers on its kept tokens, importance scoring, the exit heads it reached); eval mode only.
+            Compare with `flops.full_model_flops(model, attention_mask)` for the FLOP speedup.
         pruning_loss (`torch.FloatTensor`, *optional*): LTP's kept-token penalty (soft phase), before its weight
             `pruning_penalty`; already included in `loss`.
     """
@@ -61,6 +68,7 @@ class MagicPyramidClassifierOutput(ModelOutput):
     exit_layer: torch.LongTensor | None = None
     exit_logits: tuple[torch.FloatTensor, ...] | None = None
     kept_tokens: torch.LongTensor | None = None
+    flops: torch.LongTensor | None = None
     pruning_loss: torch.FloatTensor | None = None
 
 
@@ -101,6 +109,7 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
             setattr(backbone_config, name, copy.deepcopy(getattr(config, name)))
         attn = config._attn_implementation
         if attn == "sdpa" and not self.adapter.sdpa:
+            logger.warning_once(f"{self.adapter.model_type} has no sdpa attention; running it with eager attention.")
             attn = "eager"
             config._attn_implementation = "eager"
         self.backbone = self._auto_model_class.from_config(backbone_config, attn_implementation=attn)
@@ -134,6 +143,23 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
             values = [round(float(v), 6) for v in self.prune_thresholds.detach().clamp(0.0, 1.0).cpu()]
             values[0] = 0.0
             self.config.prune_thresholds = values
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except RuntimeError as error:
+            if "mismatched" not in str(error):
+                raise
+            config = kwargs.get("config")
+            if not isinstance(config, MagicPyramidConfig):
+                config = MagicPyramidConfig.from_pretrained(pretrained_model_name_or_path)
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path!s} do not fit the per-layer widths in its config "
+                f"(heads_per_layer={config.heads_per_layer}, ffn_per_layer={config.ffn_per_layer}); the load report above "
+                "lists the tensors whose shapes differ. A slender checkpoint's config must hold the widths it was saved "
+                "with: save it with save_pretrained, and do not edit those fields by hand."
+            ) from error
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.sync_config()
@@ -547,6 +573,9 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
                 config.distillation_temperature,
             )
         pruning_loss = torch.stack(stream.penalties).mean() if stream.penalties else None
+        flops = None
+        if not self.training:
+            flops = sample_flops(self, kept_tokens, exit_layer, keep_ratio_scale=keep_ratio_scale, prune_threshold_offset=prune_threshold_offset)
         if loss is not None and pruning_loss is not None:
             loss = loss + config.pruning_penalty * pruning_loss
         return MagicPyramidClassifierOutput(
@@ -555,6 +584,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
             exit_layer=exit_layer,
             exit_logits=tuple(collected) if all_exits else None,
             kept_tokens=kept_tokens,
+            flops=flops,
             pruning_loss=pruning_loss,
         )
 
