@@ -5,6 +5,7 @@ This file travels to the Hub as custom code: it imports only installed packages 
 
 from __future__ import annotations
 
+import copy
 import math
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -115,6 +116,13 @@ class MagicPyramidConfig(PreTrainedConfig):
     ffn_per_layer: list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        # Keep our own copy: transformers resets sub-configs' attention settings, which must not reach the caller's model.
+        if isinstance(self.backbone_config, PreTrainedConfig):
+            self.backbone_config = copy.deepcopy(self.backbone_config)
+        backbone_labels = _labels_of(self.backbone_config)
+        if self.id2label is None and "num_labels" not in kwargs and backbone_labels is not None:
+            # Labels not given: take the backbone's (a fine-tuned classifier's config carries them).
+            self.id2label, self.label2id = backbone_labels
         super().__post_init__(**kwargs)
         self.validate_pyramid()
 
@@ -205,6 +213,9 @@ class MagicPyramidConfig(PreTrainedConfig):
         ):
             if values is None:
                 continue
+            adapter = check_supported(self.backbone_type)
+            if not adapter.slimmable and any(width != full for width in values):
+                raise ValueError(f"{name}={values} is not supported for {self.backbone_type}: {adapter.slim_note}.")
             if len(values) != num_layers:
                 raise ValueError(f"{name} has {len(values)} entries; it needs one per layer ({num_layers}).")
             for layer, width in enumerate(values, start=1):
@@ -213,6 +224,18 @@ class MagicPyramidConfig(PreTrainedConfig):
                         f"{name}[{layer - 1}]={width!r} (layer {layer}) is invalid: widths are integers in [1, {full}] "
                         f"(the backbone's full width)."
                     )
+
+
+def _labels_of(backbone_config):
+    """(id2label, label2id) of a backbone config (object or dict) that names its labels, else None."""
+    if isinstance(backbone_config, dict):
+        id2label, label2id = backbone_config.get("id2label"), backbone_config.get("label2id")
+    else:
+        id2label, label2id = getattr(backbone_config, "id2label", None), getattr(backbone_config, "label2id", None)
+    if not id2label:
+        return None
+    id2label = {int(k): v for k, v in id2label.items()}
+    return id2label, dict(label2id) if label2id else {v: k for k, v in id2label.items()}
 
 
 def _check_choice(name: str, value, allowed: tuple[str, ...]) -> None:

@@ -238,6 +238,12 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
         return plan
 
 
+def _hub_kwargs(kwargs: dict) -> dict:
+    """The from_pretrained arguments that say where a config comes from."""
+    names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+    return {name: kwargs[name] for name in names if name in kwargs}
+
+
 class _Stream:
     """The rows (samples) and columns (tokens) still running, with what each layer needs about them."""
 
@@ -381,6 +387,18 @@ class MagicPyramidModel(MagicPyramidPreTrainedModel):
         super().__init__(config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Also loads the encoder out of a saved `MagicPyramidForSequenceClassification`, whose stock classifier keeps
+        its base model under `backbone.<base>.` (e.g. `backbone.bert.`): those keys map onto this model's `backbone.`."""
+        if "key_mapping" not in kwargs:
+            config = kwargs.get("config")
+            if not isinstance(config, MagicPyramidConfig):
+                config = MagicPyramidConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+            base_attr = check_supported(config.backbone_type).base_attr
+            kwargs["key_mapping"] = {rf"^backbone\.{base_attr}\.": "backbone."}
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 
@@ -507,6 +525,8 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         problem_type = resolve_problem_type(config, labels)
         num_layers = config.num_hidden_layers
 
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         reference = input_ids if input_ids is not None else inputs_embeds
         batch = reference.shape[0]
         device = reference.device
