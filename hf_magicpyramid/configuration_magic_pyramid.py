@@ -124,7 +124,18 @@ class MagicPyramidConfig(PreTrainedConfig):
             # Labels not given: take the backbone's (a fine-tuned classifier's config carries them).
             self.id2label, self.label2id = backbone_labels
         super().__post_init__(**kwargs)
+        # The top-level labels are the truth; the nested config (whose head is the final exit) must agree with them.
+        self.backbone_config.id2label = dict(self.id2label)
+        self.backbone_config.label2id = dict(self.label2id)
+        self.backbone_config.problem_type = self.problem_type
         self.validate_pyramid()
+
+    @classmethod
+    def from_preset(cls, name_or_path, backbone_config=None, **overrides) -> "MagicPyramidConfig":
+        """A config from a preset in `hub_configs/` (a name such as "bert-base-uncased", or a JSON path); see `presets.py`."""
+        from .presets import config_from_preset  # lazy: loading a config never needs the preset files
+
+        return config_from_preset(name_or_path, backbone_config, config_class=cls, **overrides)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Derived facts about the backbone
