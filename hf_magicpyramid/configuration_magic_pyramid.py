@@ -125,6 +125,8 @@ class MagicPyramidConfig(PreTrainedConfig):
             self.id2label, self.label2id = backbone_labels
         super().__post_init__(**kwargs)
         # The top-level labels are the truth; the nested config (whose head is the final exit) must agree with them.
+        if self.label2id is None:
+            self.label2id = {label: index for index, label in self.id2label.items()}
         self.backbone_config.id2label = dict(self.id2label)
         self.backbone_config.label2id = dict(self.label2id)
         self.backbone_config.problem_type = self.problem_type
