@@ -525,8 +525,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         problem_type = resolve_problem_type(config, labels)
         num_layers = config.num_hidden_layers
 
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        attention_mask = self._check_inputs(input_ids, inputs_embeds, attention_mask)
         reference = input_ids if input_ids is not None else inputs_embeds
         batch = reference.shape[0]
         device = reference.device
