@@ -68,6 +68,15 @@ class PatienceState:
         self.streak = self.streak[rows]
 
 
+def exit_rule_can_fire(criterion: str, threshold: float | None, patience: int | None, problem_type: str | None) -> bool:
+    """False when no sample can ever leave early under these settings (so intermediate heads need not run)."""
+    if criterion == "patience":
+        return patience is not None
+    if threshold is None or problem_type == "regression":
+        return False
+    return threshold > 0 if criterion == "entropy" else threshold < 1
+
+
 def exit_decision(
     logits: torch.Tensor,
     criterion: str,

@@ -297,6 +297,7 @@ def sample_flops(
     importance_layers: list[int] | None = None,
     keep_ratio_scale: float | None = None,
     prune_threshold_offset: float | None = None,
+    count_exit_heads: bool = True,
 ) -> torch.Tensor:
     """FLOPs each sample really cost in a Magic Pyramid forward, from its outputs `kept_tokens` and `exit_layer`.
 
@@ -330,7 +331,8 @@ def sample_flops(
     for layer in layers:
         heads, head_dim = profile.importance_widths[layer - 1]
         total = total + importance_flops(heads, head_dim, kept_tokens[:, layer - 1], from_projections)
-    for layer, flops in profile.exit_heads.items():
+    # The forward skips intermediate heads when its exit rule cannot fire (count_exit_heads=False then).
+    for layer, flops in profile.exit_heads.items() if count_exit_heads else ():
         total = total + (exit_layer >= layer).to(torch.long) * flops
     total = total + (exit_layer == num_layers).to(torch.long) * profile.final_head
     return total

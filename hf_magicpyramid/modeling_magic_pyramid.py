@@ -32,7 +32,7 @@ from .adapters import (
 )
 from .configuration_magic_pyramid import MagicPyramidConfig, check_pruning_knobs, check_speed
 from .flops import sample_flops
-from .exits import ExitHead, PatienceState, exit_decision, exit_objective_loss, resolve_problem_type
+from .exits import ExitHead, PatienceState, exit_decision, exit_objective_loss, exit_rule_can_fire, resolve_problem_type
 from .pruning import AttentionCapture, select_tokens, threshold_counts, topk_counts
 
 
@@ -56,8 +56,8 @@ class MagicPyramidClassifierOutput(ModelOutput):
             batch (training, or `output_all_exits=True`).
         kept_tokens (`torch.LongTensor` of shape `(batch_size, num_layers)`): real tokens each sample ran through in each
             layer (0 after it exited).
-        flops (`torch.LongTensor` of shape `(batch_size,)`, *optional*): analytic FLOPs of the work each sample really
-            cost (embeddings, layers on its kept tokens, importance scoring, the exit heads it reached); eval mode only.
+        flops (`torch.LongTensor` of shape `(batch_size,)`, *optional*): with `output_flops=True`, analytic FLOPs of the
+            work each sample really cost (embeddings, layers on its kept tokens, importance scoring, the exit heads it ran).
             Compare with `flops.full_model_flops(model, attention_mask)` for the FLOP speedup.
         pruning_loss (`torch.FloatTensor`, *optional*): LTP's kept-token penalty (soft phase), before its weight
             `pruning_penalty`; already included in `loss`.
@@ -223,10 +223,10 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
         check_pruning_knobs(scale, offset)
         plan = [None]
         if mode == "topk":
-            ratios = config.resolved_keep_ratios()
+            ratios = [min(1.0, ratio**scale) for ratio in config.resolved_keep_ratios()]
             for i in range(1, config.num_hidden_layers):
-                ratio = min(1.0, ratios[i] ** scale)
-                plan.append(("topk", ratio) if ratio < 1.0 else None)
+                # Score and select only where the kept share falls; elsewhere the same tokens go on.
+                plan.append(("topk", ratios[i]) if ratios[i] < ratios[i - 1] else None)
         else:
             soft = self.training and self.pruning_phase == "soft"
             for i in range(1, config.num_hidden_layers):
@@ -291,7 +291,8 @@ class _Stream:
         self.drop_padding_columns()
 
     def keep_tokens(self, index: torch.Tensor, new_mask: torch.Tensor):
-        self.hidden = self.hidden.gather(1, index[:, :, None].expand(-1, -1, self.hidden.shape[-1]))
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]
+        self.hidden = self.hidden[rows, index]  # advanced indexing: same values as gather, about 2x faster on CPU
         self.positions = self.positions.gather(1, index)
         self.attention_mask = new_mask
         self.pruned = True
@@ -504,6 +505,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         keep_ratio_scale: float | None = None,
         prune_threshold_offset: float | None = None,
         output_all_exits: bool | None = None,
+        output_flops: bool = False,
         return_dict: bool | None = None,
         **kwargs,
     ) -> MagicPyramidClassifierOutput:
@@ -515,6 +517,8 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         output_all_exits (`bool`, *optional*):
             Run every sample through every layer and return every exit's logits (`exit_logits`); used for training (the
             default in training mode) and for calibration. Otherwise samples leave the batch at their exit.
+        output_flops (`bool`, defaults to `False`):
+            Also return `flops`, each sample's analytic FLOPs (about 1 ms of bookkeeping per call, so off by default).
         """
         config = self.config
         threshold = config.exit_threshold if exit_threshold is None else exit_threshold
@@ -534,10 +538,13 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         collected: list[torch.Tensor] = []
         patience_state = PatienceState(batch, device)
 
+        # Intermediate heads whose rule can never hold are not run at all (a converted model before calibration).
+        heads_can_fire = all_exits or exit_rule_can_fire(config.exit_criterion, threshold, patience_value, problem_type)
+
         def on_layer(i: int, stream: _Stream) -> bool:
             nonlocal logits_out
             layer_number = i + 1
-            if layer_number not in self.exit_layers:
+            if layer_number not in self.exit_layers or (layer_number != num_layers and not heads_can_fire):
                 return False
             if layer_number == num_layers:
                 logits = self.final_logits(stream.hidden, stream.attention_mask)
@@ -593,8 +600,15 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
             )
         pruning_loss = torch.stack(stream.penalties).mean() if stream.penalties else None
         flops = None
-        if not self.training:
-            flops = sample_flops(self, kept_tokens, exit_layer, keep_ratio_scale=keep_ratio_scale, prune_threshold_offset=prune_threshold_offset)
+        if output_flops:
+            flops = sample_flops(
+                self,
+                kept_tokens,
+                exit_layer,
+                keep_ratio_scale=keep_ratio_scale,
+                prune_threshold_offset=prune_threshold_offset,
+                count_exit_heads=heads_can_fire,
+            )
         if loss is not None and pruning_loss is not None:
             loss = loss + config.pruning_penalty * pruning_loss
         return MagicPyramidClassifierOutput(

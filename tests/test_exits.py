@@ -298,3 +298,26 @@ def test_eval_loss_needs_all_exits():
         model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.zeros(6, dtype=torch.long))
     out = model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.zeros(6, dtype=torch.long), output_all_exits=True)
     assert out.loss is not None
+
+
+def test_heads_that_cannot_fire_are_not_run_and_flops_say_so():
+    # A converted model never exits early: its intermediate heads need not run. (Eager: FlopCounterMode has no CPU
+    # formula for sdpa's fused kernel.)
+    model = MagicPyramidForSequenceClassification.from_backbone(tiny_stock("bert", attn_implementation="eager")).eval()
+    calls = []
+    hooks = [head.register_forward_hook(lambda m, i, o: calls.append(1)) for head in model.exits.values()]
+    input_ids, attention_mask = padded_batch(LENGTHS)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_flops=True)
+        assert calls == []
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            model(input_ids=input_ids[3:4], attention_mask=attention_mask[3:4])  # the unpadded 12-token sample
+        model.set_speed(exit_threshold=0.5)
+        fired = model(input_ids=input_ids, attention_mask=attention_mask, output_flops=True)
+    for hook in hooks:
+        hook.remove()
+    assert int(out.flops[3]) == counter.get_total_flops()
+    assert len(calls) > 0 and model(input_ids=input_ids, attention_mask=attention_mask).flops is None
+    assert bool((fired.flops[fired.exit_layer == 4] > out.flops[fired.exit_layer == 4]).all())  # heads ran, and cost
