@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     machine_info,
     markdown_table,
     random_batch,
+    speed_cells,
     stock_bert,
     time_interleaved,
     write_results,
@@ -161,20 +162,7 @@ def table(setting: dict) -> str:
         if row["name"] == "stock":
             out.append([row["name"], "12:all", row["median_s"] * 1e3, 1.0, "", 1.0, 1.0, "", ""])
             continue
-        low, high = row["speedup_iqr"]
-        out.append(
-            [
-                row["name"],
-                row["exits"],
-                row["median_s"] * 1e3,
-                row["speedup"],
-                f"{low:.2f}–{high:.2f}",
-                row["cpu_speedup"],
-                row["flop_speedup"],
-                row["efficiency"],
-                row["cpu_speedup"] / row["flop_speedup"],
-            ]
-        )
+        out.append([row["name"], row["exits"], *speed_cells(row)])
     return markdown_table(headers, out)
 
 

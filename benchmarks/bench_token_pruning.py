@@ -39,6 +39,7 @@ from common import (  # noqa: E402
     machine_info,
     markdown_table,
     random_batch,
+    speed_cells,
     same_weights_other_attention,
     stock_bert,
     time_interleaved,
@@ -183,21 +184,7 @@ def table(setting: dict) -> str:
         if row["name"] == row["baseline"]:
             out.append([row["name"], "", 1.0, row["median_s"] * 1e3, 1.0, "", 1.0, 1.0, "", ""])
             continue
-        low, high = row["speedup_iqr"]
-        out.append(
-            [
-                row["name"],
-                row["baseline"],
-                row["mean_kept_share"],
-                row["median_s"] * 1e3,
-                row["speedup"],
-                f"{low:.2f}–{high:.2f}",
-                row["cpu_speedup"],
-                row["flop_speedup"],
-                row["efficiency"],
-                row["cpu_speedup"] / row["flop_speedup"],
-            ]
-        )
+        out.append([row["name"], row["baseline"], row["mean_kept_share"], *speed_cells(row)])
     return markdown_table(headers, out)
 
 

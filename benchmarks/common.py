@@ -132,29 +132,16 @@ def time_interleaved(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _analytic_layer(tokens: torch.Tensor, hidden: int, ffn: int) -> torch.Tensor:
-    """Matmul FLOPs of one BERT layer on `tokens` tokens: 2·n·(4H² + 2HF) + 4·n²·H (a multiply-add is 2 FLOPs)."""
-    tokens = tokens.to(torch.float64)
-    return 2 * tokens * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * tokens * tokens * hidden
-
-
 def flops_of_run(pyramid, stock, output, attention_mask) -> dict:
-    """Per-batch FLOPs: `full` (the stock model on every sample's real tokens) and `actual` (what the pyramid model ran).
+    """Per-batch FLOPs from `hf_magicpyramid.flops`: `full` (the stock model on every sample's real tokens) and
+    `actual` (what the pyramid model ran, exit heads and importance scoring included)."""
+    from hf_magicpyramid.exits import exit_rule_can_fire
+    from hf_magicpyramid.flops import full_model_flops, sample_flops
 
-    Uses `hf_magicpyramid.flops` when present; otherwise counts the layers analytically from kept_tokens/exit_layer
-    (exit and stock heads ignored).
-    """
-    try:
-        from hf_magicpyramid.flops import full_model_flops, sample_flops
-    except ImportError:
-        config = stock.config
-        kept = output.kept_tokens
-        actual = sum(_analytic_layer(kept[:, i], config.hidden_size, config.intermediate_size).sum() for i in range(kept.shape[1]))
-        lengths = attention_mask.sum(dim=1)
-        full = config.num_hidden_layers * _analytic_layer(lengths, config.hidden_size, config.intermediate_size).sum()
-        return {"full": float(full), "actual": float(actual), "source": "analytic (benchmarks/common.py)"}
+    config = pyramid.config
+    heads_ran = exit_rule_can_fire(config.exit_criterion, config.exit_threshold, config.patience, config.problem_type)
     full = full_model_flops(stock, attention_mask).sum()
-    actual = sample_flops(pyramid, output.kept_tokens, output.exit_layer).sum()
+    actual = sample_flops(pyramid, output.kept_tokens, output.exit_layer, count_exit_heads=heads_ran).sum()
     return {"full": float(full), "actual": float(actual), "source": "hf_magicpyramid.flops"}
 
 
@@ -196,6 +183,20 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except OSError:
         return None
+
+
+def speed_cells(row: dict) -> list:
+    """The timing columns every speed table shares: ms, speedup, its IQR, CPU-time speedup, FLOP speedup, efficiencies."""
+    low, high = row["speedup_iqr"]
+    return [
+        row["median_s"] * 1e3,
+        row["speedup"],
+        f"{low:.2f}–{high:.2f}",
+        row["cpu_speedup"],
+        row["flop_speedup"],
+        row["efficiency"],
+        row["cpu_speedup"] / row["flop_speedup"],
+    ]
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

@@ -38,6 +38,14 @@ def record_positions(model, input_ids, attention_mask):
     return stream, kept, seen
 
 
+def embed_full_length(model, input_ids, attention_mask):
+    """(adapter, base, embeddings, layer context) for the unpruned input: where a hand-driven layer loop starts."""
+    adapter, base = model.adapter, model.base_encoder
+    hidden = adapter.embed(base, input_ids, None, None, None, attention_mask)
+    positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+    return adapter, base, hidden, build_context(adapter, base, hidden, attention_mask, positions, pruned=False)
+
+
 def masked_reference(model, input_ids, attention_mask, seen):
     """Full-length run where each layer sees only the tokens the pruned run kept for that layer (keys masked out)."""
     adapter, base = model.adapter, model.base_encoder
@@ -97,10 +105,7 @@ def test_cls_attention_from_projections_equals_eager_probabilities(family):
     input_ids, attention_mask = padded_batch(LENGTHS, seed=5)
     with torch.no_grad():
         eager = stock_eager(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions
-        adapter, base = model.adapter, model.base_encoder
-        hidden = adapter.embed(base, input_ids, None, None, None, attention_mask)
-        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        ctx = build_context(adapter, base, hidden, attention_mask, positions, pruned=False)
+        adapter, base, hidden, ctx = embed_full_length(model, input_ids, attention_mask)
         for i, layer in enumerate(model.layers):
             with AttentionCapture(adapter, layer, "cls_attention", "sdpa") as capture:
                 assert capture.from_projections
@@ -117,10 +122,7 @@ def test_mean_attention_is_attention_received(family):
     input_ids, attention_mask = padded_batch(LENGTHS, seed=6)
     with torch.no_grad():
         eager = stock_eager(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions
-        adapter, base = model.adapter, model.base_encoder
-        hidden = adapter.embed(base, input_ids, None, None, None, attention_mask)
-        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        ctx = build_context(adapter, base, hidden, attention_mask, positions, pruned=False)
+        adapter, base, hidden, ctx = embed_full_length(model, input_ids, attention_mask)
         layer = model.layers[0]
         with AttentionCapture(adapter, layer, "mean_attention", "eager") as capture:
             hidden, weights = run_layer(adapter, base, 0, layer, hidden, ctx, output_attentions=capture.needs_layer_weights)
