@@ -59,6 +59,12 @@ def add_train_parser(subparsers) -> None:
     )
     parser.add_argument("--backbone", default="all-MiniLM-L6-v2", help="Path or Hub id of the encoder (default: the embedded all-MiniLM-L6-v2).")
     parser.add_argument("--output-dir", required=True, help="Folder for the stages and the final model.")
+    parser.add_argument(
+        "--preset",
+        default=None,
+        help="A preset of hub_configs/ (name such as 'bert-base-uncased', or a JSON path): its config fields and training "
+        "hyperparameters become the defaults; flags given explicitly still win, and --backbone defaults to its checkpoint.",
+    )
     _add_data_arguments(parser, train=True)
     group = parser.add_argument_group("training")
     group.add_argument("--epochs", type=float, default=3.0, help="Stage 1 (backbone + head) epochs (default: 3).")
@@ -85,11 +91,44 @@ def add_train_parser(subparsers) -> None:
     group.add_argument("--exit-criterion", choices=("entropy", "confidence", "patience"), default="entropy")
     group.add_argument("--distillation-alpha", type=float, default=0.5, help="Weight of the stage-1 teacher in stages 2-3 (0 disables).")
     parser.set_defaults(func=run_train)
+    parser.set_defaults(parser_defaults={action.dest: action.default for action in parser._actions})
+
+
+# Preset keys → recipe settings. A preset's other config fields (exit_layers, token_importance, ...) pass through as
+# `pyramid_options`.
+_PRESET_SETTINGS = ("token_pruning", "keep_ratios", "exit_objective", "exit_pooling", "exit_criterion")
+_PRESET_TRAINING = {
+    "learning_rate": "learning_rate",
+    "exit_learning_rate": "exit_learning_rate",
+    "batch_size": "batch_size",
+    "max_length": "max_length",
+    "pruning_penalty": "pruning_penalty",
+}
+_PRESET_EPOCHS = {"finetune": "epochs", "pruning": "pruned_finetune_epochs", "exits": "exit_epochs"}
+
+
+def apply_preset(args, defaults: dict) -> dict:
+    """Fill `args` from a preset where the user left a flag at its default; return the extra config fields."""
+    from .presets import load_preset, pyramid_options
+
+    preset = load_preset(args.preset)
+    fields = pyramid_options(args.preset)
+    training = preset.get("training", {})
+    wanted = {name: fields.pop(name) for name in _PRESET_SETTINGS if name in fields}
+    wanted.update({dest: training[key] for key, dest in _PRESET_TRAINING.items() if key in training})
+    wanted.update({dest: training["epochs"][key] for key, dest in _PRESET_EPOCHS.items() if key in training.get("epochs", {})})
+    wanted["backbone"] = preset["backbone"]["checkpoint"]
+    for dest, value in wanted.items():
+        if getattr(args, dest) == defaults.get(dest):
+            setattr(args, dest, value)
+    fields.pop("pruning_penalty", None)  # a recipe setting above
+    return fields
 
 
 def run_train(args) -> int:
     from .training import train_magic_pyramid
 
+    extra_fields = apply_preset(args, args.parser_defaults) if args.preset else {}
     train, validation = _load_splits(args, need_train=True)
     summary = train_magic_pyramid(
         args.backbone,
@@ -121,6 +160,7 @@ def run_train(args) -> int:
         seed=args.seed,
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
+        pyramid_options=extra_fields,
     )
     print(json.dumps({k: summary.get(k) for k in ("final_model", "eval_accuracy", "stock_model")}, indent=2))
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
 import hf_magicpyramid  # noqa: F401
 from hf_magicpyramid import MagicPyramidForSequenceClassification
@@ -411,3 +411,27 @@ def test_real_data_minilm_rotten_tomatoes(tmp_path):
     # The floor leaves ~8 points for seed, thread-count and library-version noise (300 samples: 95% CI about ±5 points);
     # the majority class is ~57%.
     assert accuracy >= 0.68, accuracy
+
+
+def test_cli_train_with_a_preset(tmp_path, tiny_dir):
+    """--preset supplies config fields and hyperparameters; a flag given explicitly still wins."""
+    preset = json.loads(Path(__file__).parent.parent.joinpath("hub_configs", "bert-base-uncased.json").read_text())
+    depth = AutoConfig.from_pretrained(str(tiny_dir)).num_hidden_layers
+    preset.update(name="tiny-bert", exit_layers=[1, 3], keep_ratios=[1.0, 0.9, 0.7, 0.5], exit_pooling="mean")
+    preset["backbone"].update(checkpoint=str(tiny_dir), num_hidden_layers=depth, hidden_size=32)
+    preset["training"].update(max_length=24, batch_size=8, learning_rate=1e-3, epochs={"finetune": 1, "pruning": 1, "exits": 1})
+    preset_file = tmp_path / "tiny-bert.json"
+    preset_file.write_text(json.dumps(preset))
+    train_file, validation_file = tmp_path / "train.csv", tmp_path / "dev.csv"
+    toy_data(24, 0).to_csv(str(train_file))
+    toy_data(16, 1).to_csv(str(validation_file))
+    out = tmp_path / "model"
+    code = cli_main(["train", "--preset", str(preset_file), "--train-file", str(train_file), "--validation-file",
+                     str(validation_file), "--output-dir", str(out), "--exit-objective", "two_stage"])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert config["exit_layers"] == [1, 3] and config["keep_ratios"] == [1.0, 0.9, 0.7, 0.5]
+    assert config["exit_pooling"] == "mean" and config["token_importance"] == "cls_attention"
+    assert config["exit_objective"] == "two_stage"  # the explicit flag beat the preset's "joint"
+    assert summary["settings"]["max_length"] == 24 and summary["settings"]["batch_size"] == 8
