@@ -75,7 +75,6 @@ def run_task(task: str, args) -> dict:
     data = load_dataset_by_name(task)
     tag = f"{task}-n{args.max_train or 'all'}-L{max_length}-e{args.epochs:g}-{args.token_pruning}"
     output_dir = Path(args.cache_dir) / tag
-    start = time.perf_counter()
     summary = train_magic_pyramid(
         default_backbone(), data["train"], data["validation"], output_dir,
         max_train_samples=args.max_train, max_eval_samples=args.max_validation, max_length=max_length,

