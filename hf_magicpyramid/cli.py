@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -126,10 +127,12 @@ def apply_preset(args, defaults: dict) -> dict:
 
 
 def run_train(args) -> int:
-    from .training import train_magic_pyramid
+    from .training import RecipeSettings, train_magic_pyramid
 
     extra_fields = apply_preset(args, args.parser_defaults) if args.preset else {}
     train, validation = _load_splits(args, need_train=True)
+    # Every flag named like a recipe setting goes to the recipe as that setting.
+    settings = {field.name: getattr(args, field.name) for field in dataclasses.fields(RecipeSettings) if hasattr(args, field.name)}
     summary = train_magic_pyramid(
         args.backbone,
         train,
@@ -140,27 +143,8 @@ def run_train(args) -> int:
         label_column=args.label_column,
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        pruning_epochs=args.pruning_epochs,
-        pruned_finetune_epochs=args.pruned_finetune_epochs,
-        exit_epochs=args.exit_epochs,
-        learning_rate=args.learning_rate,
-        exit_learning_rate=args.exit_learning_rate,
-        threshold_learning_rate=args.threshold_learning_rate,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        token_pruning=args.token_pruning,
-        keep_ratios=args.keep_ratios,
-        pruning_penalty=args.pruning_penalty,
-        exit_objective=args.exit_objective,
-        exit_pooling=args.exit_pooling,
-        exit_criterion=args.exit_criterion,
-        distillation_alpha=args.distillation_alpha,
-        seed=args.seed,
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
         pyramid_options=extra_fields,
+        **settings,
     )
     print(json.dumps({k: summary.get(k) for k in ("final_model", "eval_accuracy", "stock_model")}, indent=2))
     return 0
