@@ -34,9 +34,9 @@ CALIBRATION_PNG = "calibration.png"
 FORMAT_NAME = "hf-magicpyramid-calibration"
 FORMAT_VERSION = 1
 
-ENTROPY_GRID = (None, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7)
-CONFIDENCE_GRID = (None, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)
-TOPK_SCALES = (1e-3, 0.5, 1.0, 1.5, 2.0, 3.0)  # 1e-3: ratio ** 0.001 keeps every token of inputs up to ~1,400 tokens
+ENTROPY_GRID = (None, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CONFIDENCE_GRID = (None, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+TOPK_SCALES = (1e-3, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # 1e-3: ratio ** 0.001 keeps every token of inputs up to ~1,400 tokens
 THRESHOLD_OFFSET_FACTORS = (-0.5, 0.0, 0.5, 1.0, 2.0, 4.0)  # times the mean learned threshold; plus -1 (pruning off)
 
 
