@@ -1,6 +1,6 @@
 """The main job on the embedded default: all-MiniLM-L6-v2 + Rotten Tomatoes critic snippets, on CPU.
 
-    python examples/demo.py            # about 12-15 minutes on an idle 2-core CPU
+    python examples/demo.py            # about 6 minutes on an idle 2-core CPU (3 of them training)
     python examples/demo.py --fresh    # start over (only ever deletes a folder this demo wrote)
 
 1. trains a Magic Pyramid model in stages (fine-tune, fine-tune with top-k token pruning, self-distilled exits)
