@@ -506,6 +506,17 @@ def _read_marker(stage_dir: Path) -> dict:
     return json.loads((stage_dir / STAGE_MARKER).read_text())
 
 
+def _finished_stage(name: str, stage_dir: Path, skip_reason: str | None, log) -> dict | None:
+    """The info of a stage that needs no run (skipped for `skip_reason`, or already complete); None when it must run."""
+    if skip_reason is not None:
+        log(f"[{name}] skipped: {skip_reason}")
+        return {"stage": name, "status": "skipped", "reason": skip_reason}
+    if _stage_complete(stage_dir):
+        log(f"[{name}] already complete, skipped")
+        return _read_marker(stage_dir)
+    return None
+
+
 def _write_marker(stage_dir: Path, info: dict) -> None:
     if is_main_process():
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -714,71 +725,62 @@ def train_magic_pyramid(
             return MagicPyramidForSequenceClassification.from_pretrained(str(previous_dir / "model"))
         return MagicPyramidForSequenceClassification.from_backbone(load_stock(), **pyramid_options)
 
+    def load_hard_pyramid(previous_dir: Path | None):
+        model = load_pyramid(previous_dir)
+        model.pruning_phase = "hard"
+        if getattr(model, "prune_thresholds", None) is not None:
+            model.prune_thresholds.requires_grad_(False)  # fixed now (hard thresholds take no gradient)
+        return model
+
+    joint = settings.exit_objective == "joint"
     teacher = load_stock() if settings.distillation_alpha > 0 and settings.token_pruning != "none" else None
     last_dir: Path | None = None  # the last stage that saved a pyramid
 
     # Stage 2: learn the pruning (LTP soft phase) — threshold pruning only.
     stage2 = stage_dirs[1]
-    if settings.token_pruning != "threshold":
-        info = {"stage": STAGE_FOLDERS[1], "status": "skipped", "reason": f"token_pruning={settings.token_pruning!r} has nothing to learn"}
-        log(f"[{STAGE_FOLDERS[1]}] skipped: {info['reason']}")
-    elif _stage_complete(stage2):
-        info, last_dir = _read_marker(stage2), stage2
-        log(f"[{STAGE_FOLDERS[1]}] already complete, skipped")
-    else:
+    skip = None if settings.token_pruning == "threshold" else f"token_pruning={settings.token_pruning!r} has nothing to learn"
+    info = _finished_stage(STAGE_FOLDERS[1], stage2, skip, log)
+    if info is None:
         model = load_pyramid(None)
         model.pruning_phase = "soft"
         model.train_stage = 1
         info = _run_stage(
             STAGE_FOLDERS[1], stage2, model, tokenizer, train_data, eval_data, settings, settings.pruning_epochs,
-            settings.learning_rate, freeze="exits" if settings.exit_objective != "joint" else "none", teacher=teacher,
+            settings.learning_rate, freeze="none" if joint else "exits", teacher=teacher,
             threshold_learning_rate=settings.threshold_learning_rate, log=log, callbacks=callbacks,
         )
         info["prune_thresholds"] = model.config.prune_thresholds
+    if info["status"] != "skipped":
         last_dir = stage2
     summary["stages"][STAGE_FOLDERS[1]] = info
 
     # Stage 3: fine-tune with the pruning fixed (hard).
     stage3 = stage_dirs[2]
-    if settings.token_pruning == "none":
-        info = {"stage": STAGE_FOLDERS[2], "status": "skipped", "reason": "token_pruning='none'"}
-        log(f"[{STAGE_FOLDERS[2]}] skipped: {info['reason']}")
-    elif _stage_complete(stage3):
-        info, last_dir = _read_marker(stage3), stage3
-        log(f"[{STAGE_FOLDERS[2]}] already complete, skipped")
-    else:
-        model = load_pyramid(last_dir)
-        model.pruning_phase = "hard"
+    info = _finished_stage(STAGE_FOLDERS[2], stage3, "token_pruning='none'" if settings.token_pruning == "none" else None, log)
+    if info is None:
+        model = load_hard_pyramid(last_dir)
         model.train_stage = 1
-        if getattr(model, "prune_thresholds", None) is not None:
-            model.prune_thresholds.requires_grad_(False)  # fixed now (hard thresholds take no gradient)
         info = _run_stage(
             STAGE_FOLDERS[2], stage3, model, tokenizer, train_data, eval_data, settings, settings.pruned_finetune_epochs,
-            settings.learning_rate, freeze="exits" if settings.exit_objective != "joint" else "none", teacher=teacher, log=log, callbacks=callbacks,
+            settings.learning_rate, freeze="none" if joint else "exits", teacher=teacher, log=log, callbacks=callbacks,
         )
+    if info["status"] != "skipped":
         last_dir = stage3
     summary["stages"][STAGE_FOLDERS[2]] = info
     del teacher
 
     # Stage 4: the exits.
     stage4 = stage_dirs[3]
-    if settings.exit_objective == "joint" and settings.token_pruning != "none":
-        info = {"stage": STAGE_FOLDERS[3], "status": "skipped", "reason": "exit_objective='joint' trained the exits in stage 3"}
-        log(f"[{STAGE_FOLDERS[3]}] skipped: {info['reason']}")
-    elif _stage_complete(stage4):
-        info, last_dir = _read_marker(stage4), stage4
-        log(f"[{STAGE_FOLDERS[3]}] already complete, skipped")
-    else:
-        model = load_pyramid(last_dir)
-        model.pruning_phase = "hard"
-        joint = settings.exit_objective == "joint"
+    skip = "exit_objective='joint' trained the exits in stage 3" if joint and settings.token_pruning != "none" else None
+    info = _finished_stage(STAGE_FOLDERS[3], stage4, skip, log)
+    if info is None:
+        model = load_hard_pyramid(last_dir)
         model.train_stage = 1 if joint else 2
-        if getattr(model, "prune_thresholds", None) is not None:
-            model.prune_thresholds.requires_grad_(False)
         info = _run_stage(
             STAGE_FOLDERS[3], stage4, model, tokenizer, train_data, eval_data, settings, settings.exit_epochs,
             settings.learning_rate if joint else settings.exit_learning_rate, freeze="none" if joint else "backbone", log=log, callbacks=callbacks,
         )
+    if info["status"] != "skipped":
         last_dir = stage4
     summary["stages"][STAGE_FOLDERS[3]] = info
 
