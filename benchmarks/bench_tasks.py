@@ -81,7 +81,7 @@ def run_task(task: str, args) -> dict:
     tag = (f"{task}-n{args.max_train or 'all'}-L{max_length}{'-tail' if truncation_side == 'left' else ''}-e{args.epochs:g}"
            f"-b{args.batch_size}-lr{args.learning_rate:g}-{args.token_pruning}")
     tokenizer = AutoTokenizer.from_pretrained(default_backbone())
-    tokenizer.truncation_side = truncation_side  # saved with the model, so the reloaded tokenizer below does the same
+    tokenizer.truncation_side = truncation_side  # also saved with the model's tokenizer
     output_dir = Path(args.cache_dir) / tag
     summary = train_magic_pyramid(
         default_backbone(), data["train"], data["validation"], output_dir, tokenizer=tokenizer,
@@ -93,7 +93,6 @@ def run_task(task: str, args) -> dict:
     # Training time of all stages as recorded in their markers (also right when cached stages were reused).
     train_minutes = sum(float(info.get("train_seconds") or 0) for info in summary["stages"].values()) / 60
     model = MagicPyramidForSequenceClassification.from_pretrained(str(output_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(output_dir))
     stock = AutoModelForSequenceClassification.from_pretrained(str(output_dir / summary["stock_model"]))
     label2id = dict(model.config.label2id)
 
