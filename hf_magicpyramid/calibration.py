@@ -36,7 +36,7 @@ FORMAT_VERSION = 1
 
 ENTROPY_GRID = (None, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CONFIDENCE_GRID = (None, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
-TOPK_SCALES = (1e-3, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # 1e-3: ratio ** 0.001 keeps every token of inputs up to ~1,400 tokens
+TOPK_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # 0: ratio ** 0 = 1, pruning off
 THRESHOLD_OFFSET_FACTORS = (-0.5, 0.0, 0.5, 1.0, 2.0, 4.0)  # times the mean learned threshold; plus -1 (pruning off)
 
 
@@ -155,7 +155,7 @@ def _pruning_grid(model) -> tuple[str | None, list]:
 
 
 def _pruning_off(knob: str | None, value) -> bool:
-    return knob is None or (knob == "keep_ratio_scale" and value <= 1e-3) or (knob == "prune_threshold_offset" and value <= -1.0)
+    return knob is None or (knob == "keep_ratio_scale" and value == 0) or (knob == "prune_threshold_offset" and value <= -1.0)
 
 
 def _frontier(points: list[dict]) -> list[dict]:
@@ -283,11 +283,9 @@ def calibrate(
         log(f"calibrate: {knob or 'no pruning'}={value}: {len(exit_grid)} exit settings evaluated")
 
     reference = stock_accuracy
-    chosen = None
+    chosen, budget_met = None, None
     if max_drop is not None:
-        eligible = [p for p in points if p["accuracy"] >= reference - max_drop - 1e-9]
-        if eligible:
-            chosen = min(eligible, key=lambda p: (p["flops_ratio"], -p["accuracy"]))
+        chosen, budget_met = choose_point(points, reference, max_drop)
 
     # Wall clock: the stock model and the measured points on the same batches, in the same process, interleaved
     # (each repeat times the stock model, then every point) so that load from other processes hits them alike.
@@ -337,6 +335,7 @@ def calibrate(
         "reference_accuracy": round(reference, 3),
         "max_drop": max_drop,
         "chosen": chosen,
+        "budget_met": budget_met,
         "points": points,
         "torch_threads": torch.get_num_threads(),
         "device": _device_description() if not torch.cuda.is_available() else torch.cuda.get_device_name(),
@@ -360,6 +359,19 @@ def _forward_kwargs(setting: dict, num_exits: int, criterion: str = "entropy") -
     if "patience" in setting and setting["patience"] is None:
         kwargs["patience"] = num_exits
     return kwargs
+
+
+def choose_point(points: list[dict], reference_accuracy: float, max_drop: float) -> tuple[dict, bool]:
+    """The setting to store as the default speed, and whether it meets the budget.
+
+    The lowest-FLOPs point within `max_drop` points of `reference_accuracy`; when none is, the most accurate point
+    measured (ties: the cheaper one), which may be the exact model (no early exit, no pruning). So a sweep never stores
+    a setting that it measured as less accurate than another it could have chosen.
+    """
+    eligible = [p for p in points if p["accuracy"] >= reference_accuracy - max_drop - 1e-9]
+    if eligible:
+        return min(eligible, key=lambda p: (p["flops_ratio"], -p["accuracy"])), True
+    return max(points, key=lambda p: (p["accuracy"], -p["flops_ratio"])), False
 
 
 def best_within(report: dict, max_drop: float, early_exit: bool | None = None, pruning: bool | None = None) -> dict | None:
@@ -468,13 +480,18 @@ def calibrate_folder(
     report_dir.mkdir(parents=True, exist_ok=True)
     write_report(report, report_dir)
     if max_drop is not None:
-        if report["chosen"] is None:
-            log(f"No setting is within {max_drop} points of the reference accuracy; the default speed is unchanged.")
-        else:
-            model.set_speed(**report["chosen"]["setting"])
-            model.sync_config()
-            model.config.to_json_file(str(model_dir / "config.json"), use_diff=True)
-            log(f"Stored the default speed {report['chosen']['setting']} in {model_dir / 'config.json'}")
+        chosen = report["chosen"]
+        if not report["budget_met"]:
+            log(
+                f"WARNING: no setting is within {max_drop} points of the reference accuracy "
+                f"({report['reference_accuracy']:.2f}% on {report['num_samples']} samples). Storing the most accurate "
+                f"setting measured instead: {chosen['setting']} at {chosen['accuracy']:.2f}% "
+                f"({chosen['accuracy'] - report['reference_accuracy']:+.2f} points), FLOPs ratio {chosen['flops_ratio']:.3f}."
+            )
+        model.set_speed(**chosen["setting"])  # None: never exit early, as in the config
+        model.sync_config()
+        model.config.to_json_file(str(model_dir / "config.json"), use_diff=True)
+        log(f"Stored the default speed {chosen['setting']} in {model_dir / 'config.json'}")
     return report
 
 
@@ -508,4 +525,4 @@ def _device_description() -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-__all__ = ["calibrate", "calibrate_folder", "simulate_exit_index", "best_within", "format_table", "plot_calibration", "time_model", "time_interleaved"]
+__all__ = ["calibrate", "calibrate_folder", "choose_point", "simulate_exit_index", "best_within", "format_table", "plot_calibration", "time_model", "time_interleaved"]

@@ -161,7 +161,10 @@ def add_sweep_parser(subparsers) -> None:
     parser.add_argument("--stock-model", default=None, help="The stock fine-tuned model to compare with (default: the "
                         "one recorded by `train`, else the pyramid's own backbone weights run as a stock model).")
     _add_data_arguments(parser, train=False)
-    parser.add_argument("--max-drop", type=float, default=None, help="Accuracy points the chosen default may lose (e.g. 0.5).")
+    parser.add_argument("--max-drop", type=float, default=None, help="Accuracy points the chosen default may lose (e.g. 0.5). "
+                        "When no setting is that close, the most accurate setting measured is stored and a warning printed.")
+    parser.add_argument("--strict", action="store_true", help="With --max-drop: exit with status 1 when no setting meets it "
+                        "(the most accurate setting is still stored).")
     parser.add_argument("--max-samples", type=int, default=None, help="Subsample the validation data (seeded).")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batch1-samples", type=int, default=100, help="Samples timed at batch 1 (0 skips).")
@@ -191,6 +194,9 @@ def run_sweep(args) -> int:
     print(result["table"])
     if result.get("chosen"):
         print(f"Chosen default speed: {json.dumps(result['chosen']['setting'])}")
+    if args.strict and result.get("budget_met") is False:
+        print(f"error: no setting is within --max-drop {args.max_drop} points of the reference accuracy (--strict).", file=sys.stderr)
+        return 1
     return 0
 
 

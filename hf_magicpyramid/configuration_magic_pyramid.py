@@ -75,8 +75,8 @@ class MagicPyramidConfig(PreTrainedConfig):
             For `"threshold"`: entry i is the importance below which a token is dropped before layer i+1, in [0, 1];
             the first entry is 0 (layer 1 sees every token). Defaults to all zeros (nothing dropped).
         keep_ratio_scale (`float`, defaults to 1.0):
-            Run-time knob for `"topk"`: the kept share after pruning is `keep_ratios[i] ** keep_ratio_scale`, in (0, 10]:
-            above 1 prunes harder, below 1 gentler.
+            Run-time knob for `"topk"`: the kept share after pruning is `keep_ratios[i] ** keep_ratio_scale`, in [0, 10]:
+            above 1 prunes harder, below 1 gentler, 0 turns pruning off (every share becomes 1).
         prune_threshold_offset (`float`, defaults to 0.0):
             Run-time knob for `"threshold"`: added to every threshold except the first, in [-1, 1].
         min_kept_tokens (`int`, defaults to 1):
@@ -279,10 +279,22 @@ def check_speed(exit_criterion: str, exit_threshold, patience) -> None:
             )
 
 
+def exact_speed(config: MagicPyramidConfig) -> dict:
+    """The `set_speed` arguments that run the exact model: no early exit and no token pruning."""
+    speed = {"patience": None} if config.exit_criterion == "patience" else {"exit_threshold": None}
+    if config.token_pruning == "topk":
+        speed["keep_ratio_scale"] = 0.0
+    elif config.token_pruning == "threshold":
+        speed["prune_threshold_offset"] = -1.0
+    return speed
+
+
 def check_pruning_knobs(keep_ratio_scale, prune_threshold_offset) -> None:
     """Validate the run-time pruning knobs; shared by the config and `set_speed`."""
-    if isinstance(keep_ratio_scale, bool) or not isinstance(keep_ratio_scale, (int, float)) or not 0 < keep_ratio_scale <= 10:
-        raise ValueError(f"keep_ratio_scale={keep_ratio_scale!r} is out of range: it must be a number in (0, 10].")
+    if isinstance(keep_ratio_scale, bool) or not isinstance(keep_ratio_scale, (int, float)) or not 0 <= keep_ratio_scale <= 10:
+        raise ValueError(
+            f"keep_ratio_scale={keep_ratio_scale!r} is out of range: it must be a number in [0, 10] (0 turns pruning off)."
+        )
     _check_range("prune_threshold_offset", prune_threshold_offset, -1.0, 1.0)
 
 
@@ -312,4 +324,4 @@ def check_prune_thresholds(prune_thresholds, num_layers: int) -> None:
         )
 
 
-__all__ = ["MagicPyramidConfig", "default_keep_ratios"]
+__all__ = ["MagicPyramidConfig", "default_keep_ratios", "exact_speed"]

@@ -469,7 +469,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         """Change the run-time speed without retraining or reloading; validated, stored in the config (so it saves).
 
         `exit_threshold` (entropy / confidence, in [0, 1], None = never exit early), `patience` (int >= 1, None = never),
-        `keep_ratio_scale` (topk pruning, in (0, 10]: kept share = ratio ** scale), `prune_threshold_offset` (threshold
+        `keep_ratio_scale` (topk pruning, in [0, 10]: kept share = ratio ** scale, 0 = pruning off), `prune_threshold_offset` (threshold
         pruning, in [-1, 1]). Returns self.
         """
         config = self.config

@@ -600,7 +600,7 @@ def test_families_without_position_limit_take_long_inputs(family):
         ("heads_per_layer", [4, 4], r"heads_per_layer has 2 entries; it needs one per layer \(4\)"),
         ("ffn_per_layer", [37, 38, 37, 37], r"ffn_per_layer\[1\]=38 \(layer 2\) is invalid: widths are integers in \[1, 37\]"),
         ("min_kept_tokens", 0, r"min_kept_tokens=0 is invalid: it must be an integer >= 1"),
-        ("keep_ratio_scale", 0, r"keep_ratio_scale=0 is out of range: it must be a number in \(0, 10\]"),
+        ("keep_ratio_scale", -0.5, r"keep_ratio_scale=-0.5 is out of range: it must be a number in \[0, 10\] \(0 turns pruning off\)"),
         ("patience", 2, r"patience=2 is only used by exit_criterion='patience', but exit_criterion='entropy'"),
     ],
 )
@@ -625,7 +625,7 @@ def test_invalid_values_also_fail_when_loading_a_config(tmp_path):
         (dict(exit_threshold=-0.1), r"exit_threshold=-0.1 is out of range"),
         (dict(exit_threshold="high"), r"exit_threshold='high' is out of range"),
         (dict(patience=3), r"patience=3 is only used by exit_criterion='patience', but exit_criterion='entropy'"),
-        (dict(keep_ratio_scale=0), r"keep_ratio_scale=0 is out of range: it must be a number in \(0, 10\]"),
+        (dict(keep_ratio_scale=-1), r"keep_ratio_scale=-1 is out of range: it must be a number in \[0, 10\]"),
         (dict(keep_ratio_scale=11), r"keep_ratio_scale=11 is out of range"),
         (dict(prune_threshold_offset=2), r"prune_threshold_offset=2 is out of range: it must be a number in \[-1.0, 1.0\]"),
     ],

@@ -86,6 +86,8 @@ def test_keep_all_settings_equal_unpruned(family):
         dict(token_pruning="topk", keep_ratios=[1.0] * 4),
         dict(token_pruning="threshold", prune_thresholds=[0.0] * 4),
         dict(token_pruning="topk", keep_ratios=[1.0, 0.9, 0.8, 0.7], keep_ratio_scale=1e-9),
+        dict(token_pruning="topk", keep_ratios=[1.0, 0.9, 0.8, 0.7], keep_ratio_scale=0),  # 0: pruning off
+        dict(token_pruning="threshold", prune_thresholds=[0.0, 0.3, 0.3, 0.3], prune_threshold_offset=-1.0),
     ]
     input_ids, attention_mask = padded_batch(LENGTHS, seed=4)
     with torch.no_grad():
@@ -184,8 +186,8 @@ def test_topk_knob_scales_kept_tokens():
         harder = model.set_speed(keep_ratio_scale=3.0)(input_ids=input_ids, attention_mask=attention_mask).kept_tokens
     assert default[:, 3].tolist() == [6, 5, 3, 6]  # ceil(0.5 * n)
     assert harder[:, 3].tolist() == [2, 2, 1, 2]  # ceil(0.125 * n)
-    with pytest.raises(ValueError, match=r"keep_ratio_scale=0 is out of range"):
-        model.set_speed(keep_ratio_scale=0)
+    with pytest.raises(ValueError, match=r"keep_ratio_scale=-0.1 is out of range"):
+        model.set_speed(keep_ratio_scale=-0.1)
 
 
 def test_soft_threshold_phase_learns_thresholds_and_keeps_shapes():

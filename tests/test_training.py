@@ -301,6 +301,17 @@ def test_cli_train_then_sweep(tmp_path, tiny_dir):
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["stages"]["stage2_learn_pruning"]["status"] == "skipped"  # topk: nothing to learn
     assert summary["stages"]["stage4_exits"]["status"] == "trained"
+    # Before any calibration the saved default is the exact model: no early exit, no pruning.
+    saved = json.loads((out / "config.json").read_text())
+    assert saved.get("exit_threshold") is None and saved["keep_ratio_scale"] == 0.0
+    assert summary["default_speed"] == {"exit_threshold": None, "keep_ratio_scale": 0.0}
+    exact = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    batch = BertTokenizer.from_pretrained(str(out))(["w11 w12 w13 w0 w14 w15 w16 w17", "w20 w1"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out_default = exact(**batch)
+        reference = exact.backbone(**batch).logits  # the same weights run as the stock classifier
+    assert out_default.exit_layer.tolist() == [4, 4] and out_default.kept_tokens.tolist() == [[10] * 4, [4] * 4]
+    torch.testing.assert_close(out_default.logits, reference, atol=1e-5, rtol=0)
 
     code = cli_main(["sweep", "--model", str(out), "--validation-file", str(validation_file), "--text-column", "sentence",
                      "--max-drop", "100", "--batch1-samples", "4"])
@@ -316,6 +327,35 @@ def test_cli_train_then_sweep(tmp_path, tiny_dir):
     assert config["keep_ratio_scale"] == report["chosen"]["setting"]["keep_ratio_scale"]
     assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == weights
     assert AutoModelForSequenceClassification.from_pretrained(str(out)).config.exit_threshold == config["exit_threshold"]
+
+    # An impossible budget: the most accurate setting measured is stored (never a worse one), and --strict fails.
+    code = cli_main(["sweep", "--model", str(out), "--validation-file", str(validation_file), "--text-column", "sentence",
+                     "--max-drop", "-101", "--batch1-samples", "0", "--strict"])
+    assert code == 1
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["budget_met"] is False
+    best = max(point["accuracy"] for point in report["points"])
+    assert report["chosen"]["accuracy"] == best
+    cheapest_best = min(p["flops_ratio"] for p in report["points"] if p["accuracy"] == best)
+    assert report["chosen"]["flops_ratio"] == cheapest_best
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("exit_threshold") == report["chosen"]["setting"]["exit_threshold"]
+    assert config["keep_ratio_scale"] == report["chosen"]["setting"]["keep_ratio_scale"]
+
+
+def test_choose_point_falls_back_to_the_most_accurate_setting():
+    from hf_magicpyramid.calibration import choose_point
+
+    points = [
+        {"setting": {"exit_threshold": None, "keep_ratio_scale": 0.0}, "accuracy": 80.0, "flops_ratio": 1.0},
+        {"setting": {"exit_threshold": 0.5, "keep_ratio_scale": 0.0}, "accuracy": 81.0, "flops_ratio": 0.6},
+        {"setting": {"exit_threshold": 0.3, "keep_ratio_scale": 0.0}, "accuracy": 81.0, "flops_ratio": 0.7},
+        {"setting": {"exit_threshold": 0.9, "keep_ratio_scale": 2.0}, "accuracy": 70.0, "flops_ratio": 0.2},
+    ]
+    assert choose_point(points, 82.0, 0.5) == (points[1], False)  # none within 0.5 of 82: most accurate, then cheaper
+    assert choose_point(points, 82.0, 1.5) == (points[1], True)  # 81 and 81 qualify: the cheaper
+    assert choose_point(points, 82.0, 12.0) == (points[3], True)
+    assert choose_point(points[:1], 90.0, 0.0) == (points[0], False)  # down to the exact model
 
 
 def test_simulated_exits_match_the_model(tmp_path, tokenizer, encoded):
