@@ -49,6 +49,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_magic_pyramid import exact_speed
+from .data import infer_labels, label_names_of, load_named_dataset, load_text_files, prepare_dataset
 from .exits import task_loss
 from .modeling_magic_pyramid import MagicPyramidForSequenceClassification
 
@@ -300,137 +301,6 @@ def accuracy_metrics(eval_prediction) -> dict[str, float]:
         logits = logits[0]
     labels = eval_prediction.label_ids
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------------------
-
-_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def load_text_files(train_file=None, validation_file=None, test_file=None):
-    """A `DatasetDict` from CSV / JSON (lines) / Parquet files, split names `train`, `validation`, `test`."""
-    import datasets
-
-    files = {k: str(v) for k, v in (("train", train_file), ("validation", validation_file), ("test", test_file)) if v}
-    if not files:
-        raise ValueError("No data files given: pass --train-file / --validation-file (CSV, JSON lines or Parquet) or --dataset NAME.")
-    suffixes = set()
-    for split, path in files.items():
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"The {split} file {path!r} does not exist.")
-        suffix = Path(path).suffix.lower()
-        if suffix not in _FILE_BUILDERS:
-            raise ValueError(f"The {split} file {path!r} has extension {suffix!r}; supported: {', '.join(sorted(_FILE_BUILDERS))}.")
-        suffixes.add(_FILE_BUILDERS[suffix])
-    if len(suffixes) > 1:
-        raise ValueError(f"All data files must have one format, got {sorted(suffixes)} for {files}.")
-    builder = suffixes.pop()
-    kwargs = {"delimiter": "\t"} if any(p.lower().endswith(".tsv") for p in files.values()) else {}
-    return datasets.load_dataset(builder, data_files=files, **kwargs)
-
-
-def load_named_dataset(name: str):
-    """One of our offline datasets (`hf_magicpyramid.data.DATASET_NAMES`), else `datasets.load_dataset(name)`."""
-    import datasets
-
-    from .data import DATASET_NAMES, load_dataset_by_name
-
-    if name in DATASET_NAMES:
-        return load_dataset_by_name(name)
-    try:
-        return datasets.load_dataset(name)
-    except Exception as error:  # offline, or a typo: say what exists
-        raise ValueError(
-            f"Could not load dataset {name!r} ({type(error).__name__}: {error}). Offline datasets available: "
-            f"{', '.join(DATASET_NAMES)}; or pass --train-file / --validation-file."
-        ) from error
-
-
-def _check_column(dataset, column: str, role: str, split: str) -> None:
-    if column not in dataset.column_names:
-        raise ValueError(
-            f"The {split} data has no {role} column {column!r}; its columns are {dataset.column_names}. "
-            f"Choose one with --{role.replace(' ', '-')}-column."
-        )
-
-
-def label_names_of(dataset, label_column: str) -> list[str] | None:
-    """The ClassLabel names of a column, or None when it is a plain column."""
-    feature = dataset.features.get(label_column)
-    return list(feature.names) if hasattr(feature, "names") else None
-
-
-def infer_labels(train_dataset, label_column: str = "label") -> list[str]:
-    """The label set of a training split, as strings in id order: ClassLabel names, else the sorted distinct values."""
-    _check_column(train_dataset, label_column, "label", "train")
-    names = label_names_of(train_dataset, label_column)
-    if names is not None:
-        return names
-    values = set(train_dataset.unique(label_column))
-    if None in values:
-        raise ValueError(f"The label column {label_column!r} of the train data has empty values; every row needs a label.")
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-        return [str(v) for v in sorted(values)]
-    if all(isinstance(v, float) for v in values):
-        raise ValueError(
-            f"The label column {label_column!r} holds floats ({sorted(values)[:5]}...): only single-label classification "
-            "is trained by this recipe; use integer or string class labels."
-        )
-    return sorted(str(v) for v in values)
-
-
-def _value_to_name(dataset, label_column: str):
-    names = label_names_of(dataset, label_column)
-    if names is not None:
-        return lambda value: names[value]
-    return lambda value: str(value)
-
-
-def prepare_dataset(
-    dataset,
-    tokenizer,
-    label2id: dict[str, int] | None,
-    text_column: str = "text",
-    text_pair_column: str | None = None,
-    label_column: str = "label",
-    max_length: int = 128,
-    split: str = "train",
-    max_samples: int | None = None,
-    seed: int = 42,
-):
-    """Tokenize a text dataset and map its labels to the model's ids.
-
-    Returns a dataset with `input_ids`, `attention_mask` (, `token_type_ids`) and `labels` (int, model ids) only.
-    Raises `ValueError` naming the missing column (and the existing ones), or the labels the model does not know
-    (and the ones it does). `label2id=None` tokenizes only (no labels).
-    """
-    _check_column(dataset, text_column, "text", split)
-    if text_pair_column is not None:
-        _check_column(dataset, text_pair_column, "text pair", split)
-    if label2id is not None:
-        _check_column(dataset, label_column, "label", split)
-        to_name = _value_to_name(dataset, label_column)
-        seen = {to_name(v) for v in dataset.unique(label_column) if v is not None}
-        unknown = sorted(seen - set(label2id))
-        if unknown:
-            raise ValueError(
-                f"The {split} data's label column {label_column!r} holds labels {unknown} that the model does not know; "
-                f"its labels are {list(label2id)}. Use a dataset with the same label set (or train from the bare encoder)."
-            )
-    if max_samples is not None and max_samples < len(dataset):
-        dataset = dataset.shuffle(seed=seed).select(range(max_samples))
-
-    def encode(batch):
-        texts = [t if t is not None else "" for t in batch[text_column]]
-        pairs = None if text_pair_column is None else [t if t is not None else "" for t in batch[text_pair_column]]
-        encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-        if label2id is not None:
-            encoded["labels"] = [label2id[to_name(v)] for v in batch[label_column]]
-        return encoded
-
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc=f"Tokenizing {split}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
