@@ -686,8 +686,9 @@ def _field_count_error(path, split, fmt, header, header_line, bad, good_rows) ->
         )
     others = ""
     if len(bad) > 1:
-        lines = ", ".join(str(b[0]) for b in bad[1:_SHOWN + 1]) + (", ..." if len(bad) > _SHOWN + 1 else "")
-        others = f" {len(bad) - 1} more row(s) have the wrong number of fields, starting on lines {lines}."
+        rest = bad[1:]
+        lines = ", ".join(str(b[0]) for b in rest[:_SHOWN]) + (f" and {len(rest) - _SHOWN} more" if len(rest) > _SHOWN else "")
+        others = f" {len(rest)} more row(s) have the wrong number of fields, starting on lines {lines}."
     return ValueError(
         f"The {split} file {path}: {why}. Read {good_rows} good row(s), {len(bad)} bad.{others}"
     )
