@@ -545,8 +545,8 @@ def load_text_files(train_file=None, validation_file=None, test_file=None) -> da
             read[split] = _read_delimited(path, split, formats[split])
 
     delimited = [read[split][0] for split in read if formats[split] != "json"]
-    column_types = {name: _column_type([columns[name] for columns in delimited if name in columns])
-                    for columns in delimited for name in columns}
+    names = dict.fromkeys(name for columns in delimited for name in columns)
+    column_types = {name: _column_type([columns[name] for columns in delimited if name in columns]) for name in names}
     for split, (columns, positions, unit) in read.items():
         if formats[split] == "json":
             dataset = _json_dataset(columns, files[split], split)
@@ -706,56 +706,87 @@ def _json_kind(value) -> Optional[str]:
     return "a list" if isinstance(value, list) else "an object"
 
 
-def _read_json(path: str, split: str):
-    """A JSON-lines file (or a JSON array of objects) -> ({column: [value, ...]}, positions, "line" or "item")."""
-    example = '{"text": "a fine film", "label": "pos"}'
-    rows: List[dict] = []
-    positions = array("q")
-    unit = "line"
+def _json_document(text: str, path: str, split: str):
+    """The file as one JSON document when it is one (an array, or an object spanning several lines), else None."""
+    first_line = text.lstrip().split("\n", 1)[0]
+    if first_line.lstrip()[:1] == "{":
+        try:
+            json.loads(first_line)
+            return None  # the first line is a whole object: JSON lines
+        except json.JSONDecodeError:
+            pass
     try:
-        with open(path, encoding="utf-8-sig") as handle:
-            text_start = ""
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                if not rows and not text_start:
-                    text_start = line.lstrip()[:1]
-                    if text_start == "[":  # one JSON array of objects
-                        break
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"The {split} file {path} line {number} is not valid JSON ({error.msg} at column {error.colno}): "
-                        f"write one JSON object per line, such as {example}."
-                    ) from None
-                if not isinstance(row, dict):
-                    raise ValueError(
-                        f"The {split} file {path} line {number} holds {_json_kind(row) or 'null'}, not a JSON object: "
-                        f"write one object per line, such as {example}."
-                    )
-                rows.append(row)
-                positions.append(number)
-            if text_start == "[":
-                handle.seek(0)
-                unit = "item"
-                try:
-                    items = json.loads(handle.read().lstrip("\ufeff"))
-                except json.JSONDecodeError as error:
-                    raise ValueError(
-                        f"The {split} file {path} is not valid JSON: {error.msg} at line {error.lineno}, column "
-                        f"{error.colno}. Fix that place, or write one JSON object per line (JSON lines)."
-                    ) from None
-                for number, row in enumerate(items, start=1):
-                    if not isinstance(row, dict):
-                        raise ValueError(
-                            f"The {split} file {path}: item {number} of its array holds {_json_kind(row) or 'null'}, "
-                            f"not an object such as {example}."
-                        )
-                    rows.append(row)
-                    positions.append(number)
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        if text.lstrip()[:1] == "[":
+            raise ValueError(
+                f"The {split} file {path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}. Fix that place, or write "
+                "one JSON object per line (JSON lines)."
+            ) from None
+        return None  # reported line by line
+
+
+def _document_rows(document, path: str, split: str, example: str) -> List[dict]:
+    if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+        lengths = {name: len(values) for name, values in document.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"The {split} file {path} holds columns of different lengths {lengths}: every column needs one value "
+                "per row."
+            )
+        names = list(document)
+        return [dict(zip(names, values)) for values in zip(*document.values())]
+    if not isinstance(document, list):
+        raise ValueError(
+            f"The {split} file {path} holds {_json_kind(document) or 'null'}, neither an array of objects nor an "
+            f"object of column lists: write one object per line, such as {example}."
+        )
+    for number, row in enumerate(document, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(
+                f"The {split} file {path}: item {number} of its array holds {_json_kind(row) or 'null'}, not an "
+                f"object such as {example}."
+            )
+    return document
+
+
+def _read_json(path: str, split: str):
+    """A JSON-lines file -> ({column: [value, ...]}, first line of each row, "line"); a file holding one JSON document
+    (an array of objects, or an object of equal-length column lists, as `datasets` reads them) -> (..., "item")."""
+    example = '{"text": "a fine film", "label": "pos"}'
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            text = handle.read()
     except UnicodeDecodeError:
         raise _not_utf8(path, split) from None
+    rows: List[dict] = []
+    positions = array("q")
+    document = _json_document(text, path, split) if text.lstrip()[:1] in ("[", "{") else None
+    if document is not None:
+        rows = _document_rows(document, path, split, example)
+        positions.extend(range(1, len(rows) + 1))
+        unit = "item"
+    else:
+        unit = "line"
+        # Lines end at "\n" only: JSON allows U+2028 and other separators raw inside its strings.
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"The {split} file {path} line {number} is not valid JSON ({error.msg} at column {error.colno}): "
+                    f"write one JSON object per line, such as {example}."
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"The {split} file {path} line {number} holds {_json_kind(row) or 'null'}, not a JSON object: "
+                    f"write one object per line, such as {example}."
+                )
+            rows.append(row)
+            positions.append(number)
+    del text
     if not rows:
         raise ValueError(
             f"The {split} file {path} holds no rows: write one JSON object per line, such as {example}."

