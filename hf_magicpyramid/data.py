@@ -604,6 +604,7 @@ def _read_delimited(path: str, split: str, fmt: str):
     cells: List[List[str]] = []
     positions = array("q")
     bad = []  # (first line, last line, field count) of rows with the wrong number of fields
+    start = 1
     with open(path, encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
         try:
@@ -628,10 +629,14 @@ def _read_delimited(path: str, split: str, fmt: str):
         except UnicodeDecodeError:
             raise _not_utf8(path, split) from None
         except csv.Error as error:
+            hint = (
+                f" A field that long usually means a quote (\") opened on line {start} never closes: close it, and "
+                "double a quote inside a quoted text (\"\")."
+                if "field limit" in str(error)
+                else ""
+            )
             raise ValueError(
-                f"The {split} file {path} cannot be read as {fmt.upper()} at line {reader.line_num}: {error}. A field "
-                "that long usually means a quote (\") opened earlier never closes: close it, or double a quote inside "
-                "a quoted text (\"\")."
+                f"The {split} file {path} cannot be read as {fmt.upper()}: the row starting on line {start}: {error}.{hint}"
             ) from None
     example = delimiter.join(("text", "label")).replace("\t", "<TAB>")
     if header is None:

@@ -525,6 +525,15 @@ def test_a_quote_that_swallows_lines_is_named(tmp_path):
         load_text_files(path)
 
 
+def test_a_quote_that_never_closes_in_a_big_file(tmp_path):
+    # A stray quote early in a large CSV swallows everything after it into one field past csv's size limit.
+    content = 'text,label\na,pos\n"b,neg\n' + "".join(f"row {i} {'x' * 100},neg\n" for i in range(2000))
+    with pytest.raises(ValueError, match=r"^The train file .*train\.csv cannot be read as CSV: the row starting on line 3: "
+                       r"field larger than field limit \(131072\)\. A field that long usually means a quote \(\"\) opened on "
+                       r"line 3 never closes"):
+        load_text_files(write(tmp_path, "train.csv", content))
+
+
 @pytest.mark.parametrize("name", ["train.csv", "train.tsv", "train.jsonl"])
 def test_bytes_that_are_not_utf8_are_named(tmp_path, name):
     # Before: DatasetGenerationError: An error occurred while generating the dataset (a UnicodeDecodeError inside).
