@@ -376,9 +376,9 @@ def _pruning_grid(model) -> tuple[str | None, list]:
     return None, [None]
 
 
-def _problem_type(config, labels: torch.Tensor) -> str:
-    """The problem type whose exit rule the model runs at inference (no labels in the call), checked against the labels.
-    Raises `ValueError` for regression and for labels of another kind."""
+def _problem_type(config, labels: torch.Tensor | None = None) -> str:
+    """The problem type whose exit rule the model runs at inference (no labels in the call), checked against the labels
+    when given. Raises `ValueError` for regression and for labels of another kind."""
     served = resolve_problem_type(config, None)
     if served == "regression":
         raise ValueError(
@@ -386,12 +386,15 @@ def _problem_type(config, labels: torch.Tensor) -> str:
             "'single_label_classification' and 'multi_label_classification'. Set the speed by hand with "
             "model.set_speed(patience=...) (and config.regression_tolerance)."
         )
+    if labels is None:
+        return served
     multi_hot = labels.dim() == 2
     if multi_hot != (served == "multi_label_classification"):
         given = f"multi-hot labels of shape {tuple(labels.shape)}" if multi_hot else f"class-id labels of shape {tuple(labels.shape)}"
+        wanted = "class ids, shape (num_samples,)" if multi_hot else "multi-hot float rows, shape (num_samples, num_labels)"
         raise ValueError(
             f"calibrate: the data has {given}, but the model runs the {served!r} exit rule "
-            f"(config.problem_type={config.problem_type!r}); set config.problem_type to match the labels."
+            f"(config.problem_type={config.problem_type!r}): give labels as {wanted}, or set config.problem_type to match them."
         )
     return served
 
@@ -440,6 +443,7 @@ def calibrate(
 
     model.eval()
     config = model.config
+    _problem_type(config)  # regression: refused before any work
     if "input_ids" in dataset.column_names and "labels" in dataset.column_names:
         encoded = dataset if max_samples is None or max_samples >= len(dataset) else dataset.shuffle(seed=seed).select(range(max_samples))
     else:
@@ -597,6 +601,7 @@ def format_table(report: dict, limit: int | None = None) -> str:
     """The frontier (and the chosen point) as a text table, with a line saying how the chosen point (`*`) was chosen."""
     chosen = report.get("chosen")
     rows = frontier(report["points"])
+    on_frontier = len(rows)
     if chosen and chosen not in rows:
         rows.append(chosen)
     metric = report.get("metric", "accuracy")
@@ -613,11 +618,13 @@ def format_table(report: dict, limit: int | None = None) -> str:
             f"{_describe_setting(p['setting']):<48} {p['accuracy']:>7.2f} {p['mean_exit_layer']:>7.2f} "
             f"{p['kept_token_fraction']:>6.2f} {p['flops_ratio']:>6.3f} {measured:>8}{mark}"
         )
-    lines.append(
-        f"Rows: the settings no other beats on both {METRIC_LABELS[metric]} and FLOPs ({len(report['points'])} measured). "
-        f"exit L: mean exit layer; kept: share of token-layers run; FLOPs: ratio to the stock model; speedup: measured "
-        f"wall clock against the stock model at batch {report['batch_size']} (- = not timed)."
-    )
+    lines += [
+        f"Rows: the {on_frontier} of {len(report['points'])} settings that no other beats on both {metric.replace('_', ' ')} and FLOPs"
+        f"{' (and the chosen one)' if len(rows) > on_frontier else ''}. "
+        f"exit L: mean exit layer; kept: share of token-layers run;",
+        f"FLOPs: ratio to the stock model; speedup: stock wall-clock time / this setting's at batch {report['batch_size']} "
+        f"(- = not timed).",
+    ]
     if chosen is not None:
         budget = f"{report['max_drop']} points of the reference {report['reference_accuracy']:.2f}%"
         if report.get("budget_met") is False:
