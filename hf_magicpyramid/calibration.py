@@ -74,6 +74,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
+from .configuration_magic_pyramid import EXIT_CRITERIA
 from .exits import PatienceState, exit_decision, exit_rule_can_fire, resolve_problem_type
 from .flops import full_model_flops, sample_flops
 from .modeling_magic_pyramid import MagicPyramidForSequenceClassification
@@ -280,8 +281,8 @@ def simulate_exit_index(
     `problem_type` / `regression_tolerance`: as the model resolves them (`resolve_problem_type(config, None)`).
     Returns (num_samples,) long.
     """
-    if criterion not in ("entropy", "confidence", "patience"):
-        raise ValueError(f"exit_criterion={criterion!r} is not supported; choose 'entropy', 'confidence' or 'patience'.")
+    if criterion not in EXIT_CRITERIA:
+        raise ValueError(f"exit_criterion={criterion!r} is not supported; choose one of {', '.join(EXIT_CRITERIA)}.")
     num_samples, num_exits, _ = exit_logits.shape
     index = torch.full((num_samples,), num_exits - 1, dtype=torch.long, device=exit_logits.device)
     threshold, patience = (None, value) if criterion == "patience" else (value, None)
@@ -289,8 +290,8 @@ def simulate_exit_index(
         return index
     state = PatienceState(num_samples, exit_logits.device)
     running = torch.ones(num_samples, dtype=torch.bool, device=exit_logits.device)
-    # Samples that left keep updating `state` here; the forward drops them instead. Both rules are per sample, so the
-    # decisions of the samples still running are the same.
+    # Samples that left keep updating `state` here, where the forward drops their rows; every rule is per sample, so
+    # the samples still running get the same decisions.
     for k in range(num_exits - 1):
         done = exit_decision(exit_logits[:, k], criterion, threshold, patience, problem_type, state, regression_tolerance)
         index = torch.where(done & running, torch.full_like(index, k), index)
