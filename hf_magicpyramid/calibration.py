@@ -1,14 +1,64 @@
-"""Calibrating the speed knobs of a trained Magic Pyramid model on validation data.
+"""Calibrating the speed knobs of a trained Magic Pyramid model on validation data, and the `calibration.json` format.
 
 One forward with `output_all_exits=True` gives every exit's logits for every sample, so the whole exit-threshold grid
-is simulated offline, exactly: a sample's exit depends only on its own logits at each exit (entropy, confidence and
-patience are per-sample rules). Token pruning changes the hidden states, so each pruning knob value gets its own forward.
-Per grid point: accuracy, mean exit layer, kept-token fraction, FLOPs ratio vs the stock model (`flops.py`), and for the
-speed/accuracy frontier the measured wall-clock speedup against the stock fine-tuned model on the same batches.
+is simulated offline with the model's own exit rule (`exits.exit_decision`, exit by exit, for every problem type): a
+sample's exit depends only on its own logits at each exit. Token pruning changes the hidden states, so each pruning knob
+value gets its own forward. Per grid point: the metric, mean exit layer, kept-token fraction, FLOPs ratio vs the stock
+model (`flops.py`), and for the speed/accuracy frontier the measured wall-clock speedup against the stock fine-tuned
+model on the same batches.
 
-`calibrate(model, dataset, tokenizer, ...)` returns the report; `calibrate_folder(dir, dataset, ...)` also writes
-`calibration.json` and `calibration.png` and, with `max_drop`, stores the fastest setting within that accuracy drop as the
-model's default speed (only `config.json` is rewritten; weights are never touched).
+The metric ("accuracy" in the file, a percentage) is, by problem type:
+- single-label classification: accuracy, the share of samples whose argmax is the label;
+- multi-label classification: exact match (subset accuracy), the share of samples with every label right
+  (logit > 0 ⇔ label 1). The report says which under "metric";
+- regression: not calibrated (no percentage to choose by); `calibrate` refuses it with a message.
+
+`calibrate(model, dataset, tokenizer, ...)` returns the report; `calibrate_folder(dir, dataset, ...)` writes
+`calibration.json`, with `max_drop` stores the chosen setting as the model's default speed (only `config.json` is
+rewritten; weights are never touched), and then draws `calibration.png` (skipped, with a note, without matplotlib).
+
+This module owns the calibration file: its constants, `validate_calibration`, `save_calibration`, `load_calibration`,
+`frontier` and `choose_point`. `hub.py` reads it to show a speed/accuracy table on the model card.
+
+Calibration result (`calibration.json`, beside config.json). One JSON object (comments here only):
+
+    {
+      "format": "hf-magicpyramid-calibration",      # required, with "version": 1
+      "version": 1,
+      "num_samples": 1390,                          # optional: samples measured (the reader judges accuracy noise by it)
+      "batch_size": 32,                             # optional: batch size of the speed measurement
+      "dataset": "Rotten Tomatoes snippets, test",  # optional, free text; "device" likewise
+      "metric": "accuracy",                         # optional: what "accuracy" measures: "accuracy" (single-label,
+                                                    #   the default) or "exact_match" (multi-label: every label right)
+      "stock": {"accuracy": 84.2},                  # optional: the stock fine-tuned model on the same data (percent)
+      "reference_accuracy": 84.2,                   # optional: what max_drop is counted from (the stock accuracy)
+      "max_drop": 0.5,                              # optional: the budget in points below the reference; null = none
+      "chosen": {...},                              # optional: the point stored as the model's default speed (a copy
+                                                    #   of one of "points"); null when no max_drop was given
+      "budget_met": true,                           # optional: whether "chosen" is within max_drop of the reference;
+                                                    #   false = no point was, and "chosen" is the most accurate point
+                                                    #   measured (the fallback; `choose_point`); null without max_drop
+      "points": [                                   # one per speed setting measured, any order
+        {
+          "setting": {                              # the knobs, as `set_speed` takes them:
+            "exit_threshold": 0.3,                  #   "exit_threshold" (entropy / confidence) or "patience";
+                                                    #   null = never exit early
+            "keep_ratio_scale": 1.0                 #   "keep_ratio_scale" (topk; 0 = pruning off) or
+          },                                        #   "prune_threshold_offset" (threshold; -1 = pruning off)
+          "accuracy": 83.8,                         # percent (the metric above)
+          "mean_exit_layer": 3.2,                   # mean 1-based layer at which samples exited
+          "kept_token_fraction": 0.71,              # token-layers run / token-layers without pruning, in [0, 1]
+          "flops_ratio": 0.41,                      # FLOPs / the stock model's (0.41 = 59% fewer)
+          "measured_speedup": 2.2                   # optional: stock wall-clock time / this setting's, when measured
+        }
+      ]
+    }
+
+Also read: knobs given flat in the point instead of under "setting", and "speedup" for "measured_speedup". Other
+keys are kept and ignored; `calibrate` also writes "exit_criterion", "token_pruning", "pruning_knob", "torch_threads",
+per point "early_exit", "pruning", "mean_flops_ratio", "flops_speedup", "seconds_batch", "ms_per_sample_batch1",
+"measured_speedup_batch1", and in "stock" "model", "seconds_batch", "flops", "ms_per_sample_batch1". A plot may lie
+beside it as `calibration.png`; the model card shows both.
 """
 
 from __future__ import annotations
@@ -22,10 +72,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-from .exits import normalized_entropy
+from .configuration_magic_pyramid import EXIT_CRITERIA
+from .exits import PatienceState, exit_decision, exit_rule_can_fire, resolve_problem_type
 from .flops import full_model_flops, sample_flops
 from .modeling_magic_pyramid import MagicPyramidForSequenceClassification
 
@@ -33,47 +83,234 @@ CALIBRATION_JSON = "calibration.json"
 CALIBRATION_PNG = "calibration.png"
 FORMAT_NAME = "hf-magicpyramid-calibration"
 FORMAT_VERSION = 1
+EXIT_KNOBS = ("exit_threshold", "patience")
+PRUNING_KNOBS = ("keep_ratio_scale", "prune_threshold_offset")
+POINT_MEASURES = ("accuracy", "mean_exit_layer", "kept_token_fraction", "flops_ratio")  # every point has these numbers
+# Two accuracies closer than this are equal: for the frontier and for the budget (accuracies are rounded to 0.001).
+ACCURACY_TOLERANCE = 1e-9
 
 ENTROPY_GRID = (None, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 CONFIDENCE_GRID = (None, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
 TOPK_SCALES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # 0: ratio ** 0 = 1, pruning off
 THRESHOLD_OFFSET_FACTORS = (-0.5, 0.0, 0.5, 1.0, 2.0, 4.0)  # times the mean learned threshold; plus -1 (pruning off)
+METRICS = {"single_label_classification": "accuracy", "multi_label_classification": "exact_match"}
+METRIC_LABELS = {"accuracy": "accuracy", "exact_match": "exact match (every label right)"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Offline simulation of the exit rule
+# The calibration.json format
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def simulate_exit_index(exit_logits: torch.Tensor, criterion: str, value) -> torch.Tensor:
-    """Index (into the exits) where each sample leaves, as the model's exit rule decides at inference.
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def validate_calibration(data, source: str = "calibration") -> dict:
+    """Check a calibration result (the format in this module's docstring) and return it in one shape: every point with
+    its knobs under "setting" and its wall-clock speedup (or None) under "measured_speedup". Raises `ValueError`
+    naming the bad entry."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a calibration result is a JSON object with a 'points' list, not {type(data).__name__}.")
+    if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{source}: format={data.get('format')!r}, version={data.get('version')!r} is not supported; this version "
+            f"reads format {FORMAT_NAME!r}, version {FORMAT_VERSION}."
+        )
+    points = data.get("points")
+    if not isinstance(points, list) or not points:
+        raise ValueError(f"{source}: 'points' must be a non-empty list of measured speed settings.")
+    knobs = EXIT_KNOBS + PRUNING_KNOBS
+    normalized = []
+    for i, raw in enumerate(points):
+        where = f"{source}: points[{i}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where} must be an object, not {type(raw).__name__}.")
+        setting = raw.get("setting")
+        if setting is None:
+            setting = {knob: raw[knob] for knob in knobs if knob in raw}
+        if not isinstance(setting, dict) or not setting:
+            raise ValueError(f"{where} names no speed knob: give a 'setting' with one of {', '.join(knobs)}.")
+        unknown = sorted(set(setting) - set(knobs))
+        if unknown:
+            raise ValueError(f"{where}.setting has unknown knobs {unknown}; knobs are {', '.join(knobs)}.")
+        if all(knob in setting for knob in EXIT_KNOBS) or all(knob in setting for knob in PRUNING_KNOBS):
+            raise ValueError(f"{where} gives two knobs of one kind: use one of {EXIT_KNOBS} and at most one of {PRUNING_KNOBS}.")
+        for knob, value in setting.items():
+            if value is not None and not _number(value):
+                raise ValueError(f"{where}: {knob}={value!r} must be a number (or null for an exit knob: never exit early).")
+        for measure in POINT_MEASURES:
+            if not _number(raw.get(measure)):
+                raise ValueError(f"{where} lacks a number for {measure!r} (got {raw.get(measure)!r}); every point needs {POINT_MEASURES}.")
+        if not 0 <= raw["accuracy"] <= 100:
+            raise ValueError(f"{where}: accuracy={raw['accuracy']!r} must be a percentage in [0, 100].")
+        if not 0 <= raw["kept_token_fraction"] <= 1:
+            raise ValueError(f"{where}: kept_token_fraction={raw['kept_token_fraction']!r} must be a fraction in [0, 1].")
+        for measure in ("mean_exit_layer", "flops_ratio"):
+            if raw[measure] <= 0:
+                raise ValueError(f"{where}: {measure}={raw[measure]!r} must be positive.")
+        speedup = raw.get("measured_speedup", raw.get("speedup"))
+        if speedup is not None and (not _number(speedup) or speedup <= 0):
+            raise ValueError(f"{where}: measured_speedup={speedup!r} must be a positive number (or absent when not measured).")
+        normalized.append({**raw, "setting": dict(setting), "measured_speedup": speedup})
+    stock = data.get("stock")
+    if stock is not None and (not isinstance(stock, dict) or ("accuracy" in stock and not _number(stock["accuracy"]))):
+        raise ValueError(f"{source}: 'stock' must be an object whose 'accuracy' is a percentage, got {stock!r}.")
+    metric = data.get("metric", "accuracy")
+    if metric not in METRIC_LABELS:
+        raise ValueError(f"{source}: metric={metric!r} is not supported; use one of {', '.join(METRIC_LABELS)}.")
+    if data.get("budget_met") not in (None, True, False):
+        raise ValueError(f"{source}: budget_met={data['budget_met']!r} must be true, false or null.")
+    return {**data, "points": normalized}
+
+
+def save_calibration(directory, points: list[dict], **metadata) -> Path:
+    """Validate and write `calibration.json` into `directory`; `metadata`: the other top-level entries (num_samples,
+    batch_size, dataset, device, metric, stock, chosen, budget_met, ...; see the module docstring). Returns its path."""
+    data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata, "points": list(points)}
+    validate_calibration(copy.deepcopy(data))
+    path = Path(directory) / CALIBRATION_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def load_calibration(path_or_dir) -> dict | None:
+    """The validated calibration result in a model folder (or a JSON file), or None when there is none."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / CALIBRATION_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    return validate_calibration(data, source=str(path))
+
+
+def _cheapest(points: list[dict]) -> dict:
+    """The lowest-FLOPs point (ties: the more accurate)."""
+    return min(points, key=lambda p: (p["flops_ratio"], -p["accuracy"]))
+
+
+def _within_budget(points: list[dict], reference_accuracy: float, max_drop: float) -> list[dict]:
+    """The points at most `max_drop` accuracy points below `reference_accuracy`: the one budget rule."""
+    return [p for p in points if p["accuracy"] >= reference_accuracy - max_drop - ACCURACY_TOLERANCE]
+
+
+def frontier(points: list[dict]) -> list[dict]:
+    """The speed/accuracy frontier, in order of FLOPs: the points that no other point beats, i.e. every other point
+    with fewer (or as many) FLOPs is less accurate. Of two points equally accurate the cheaper one stays."""
+    kept, best = [], -math.inf
+    for point in sorted(points, key=lambda p: (p["flops_ratio"], -p["accuracy"])):
+        if point["accuracy"] > best + ACCURACY_TOLERANCE:
+            kept.append(point)
+            best = point["accuracy"]
+    return kept
+
+
+def choose_point(points: list[dict], reference_accuracy: float, max_drop: float) -> tuple[dict, bool]:
+    """The setting to store as the default speed, and whether it meets the budget.
+
+    The lowest-FLOPs point within `max_drop` points of `reference_accuracy`; when none is, the most accurate point
+    measured (ties: the cheaper one), which may be the exact model (no early exit, no pruning). So a sweep never stores
+    a setting that it measured as less accurate than another it could have chosen.
+    """
+    eligible = _within_budget(points, reference_accuracy, max_drop)
+    if eligible:
+        return _cheapest(eligible), True
+    return max(points, key=lambda p: (p["accuracy"], -p["flops_ratio"])), False
+
+
+def best_within(report: dict, max_drop: float, early_exit: bool | None = None, pruning: bool | None = None) -> dict | None:
+    """The lowest-FLOPs point within `max_drop` points of the report's reference accuracy (the rule of `choose_point`),
+    optionally restricted to points with (or without) early exit / pruning. None when no point qualifies."""
+    candidates = [
+        p for p in report["points"]
+        if (early_exit is None or p["early_exit"] == early_exit) and (pruning is None or p["pruning"] == pruning)
+    ]
+    eligible = _within_budget(candidates, report["reference_accuracy"], max_drop)
+    return _cheapest(eligible) if eligible else None
+
+
+def is_default_point(config, point: dict) -> bool:
+    """Whether a point's setting is the speed saved in `config` (a MagicPyramidConfig): every knob it names equal."""
+    for knob, value in point["setting"].items():
+        expected = getattr(config, knob)
+        if (value is None) != (expected is None):
+            return False
+        if value is not None and not math.isclose(float(value), float(expected), rel_tol=1e-6, abs_tol=1e-9):
+            return False
+    return True
+
+
+def _pruning_off(knob: str | None, value) -> bool:
+    """Whether a pruning knob value turns pruning off (keep_ratio_scale 0, prune_threshold_offset -1, or no knob)."""
+    return knob is None or value is None or (knob == "keep_ratio_scale" and value == 0) or (knob == "prune_threshold_offset" and value <= -1.0)
+
+
+def _describe_setting(setting: dict) -> str:
+    """A setting in words: "exit_threshold=0.3, keep_ratio_scale=1.5", "exit_threshold=never, pruning off"."""
+    parts = []
+    for knob, value in setting.items():
+        if knob in PRUNING_KNOBS and _pruning_off(knob, value):
+            parts.append("pruning off")
+        else:
+            parts.append(f"{knob}={'never' if value is None else value}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Offline simulation of the exit rule, and the metric
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def simulate_exit_index(
+    exit_logits: torch.Tensor,
+    criterion: str,
+    value,
+    problem_type: str = "single_label_classification",
+    regression_tolerance: float = 0.0,
+) -> torch.Tensor:
+    """Index (into the exits) where each sample leaves, decided exit by exit by the model's own rule
+    (`exits.exit_decision` and `PatienceState`), as the batched forward does.
 
     exit_logits (num_samples, num_exits, num_labels), the last exit being the final head (never tested: everything that
     reaches it stops there). `value`: the entropy / confidence threshold or the patience; None = never exit early.
+    `problem_type` / `regression_tolerance`: as the model resolves them (`resolve_problem_type(config, None)`).
     Returns (num_samples,) long.
     """
+    if criterion not in EXIT_CRITERIA:
+        raise ValueError(f"exit_criterion={criterion!r} is not supported; choose one of {', '.join(EXIT_CRITERIA)}.")
     num_samples, num_exits, _ = exit_logits.shape
-    last = torch.full((num_samples,), num_exits - 1, dtype=torch.long)
-    if value is None or num_exits == 1:
-        return last
-    intermediate = exit_logits[:, :-1]
-    if criterion == "entropy":
-        done = normalized_entropy(intermediate.reshape(-1, intermediate.shape[-1])).view(num_samples, -1) < value
-    elif criterion == "confidence":
-        done = F.softmax(intermediate.float(), dim=-1).max(dim=-1).values > value
-    elif criterion == "patience":
-        predictions = exit_logits.argmax(dim=-1)
-        streak = torch.zeros(num_samples, dtype=torch.long)
-        done = torch.zeros(num_samples, num_exits - 1, dtype=torch.bool)
-        for k in range(num_exits - 1):
-            if k > 0:
-                streak = torch.where(predictions[:, k] == predictions[:, k - 1], streak + 1, torch.zeros_like(streak))
-            done[:, k] = streak >= value
-    else:
-        raise ValueError(f"exit_criterion={criterion!r} is not supported; choose 'entropy', 'confidence' or 'patience'.")
-    any_done = done.any(dim=1)
-    first = done.to(torch.long).argmax(dim=1)
-    return torch.where(any_done, first, last)
+    index = torch.full((num_samples,), num_exits - 1, dtype=torch.long, device=exit_logits.device)
+    threshold, patience = (None, value) if criterion == "patience" else (value, None)
+    if num_exits == 1 or not exit_rule_can_fire(criterion, threshold, patience, problem_type):
+        return index
+    state = PatienceState(num_samples, exit_logits.device)
+    running = torch.ones(num_samples, dtype=torch.bool, device=exit_logits.device)
+    # Samples that left keep updating `state` here, where the forward drops their rows; every rule is per sample, so
+    # the samples still running get the same decisions.
+    for k in range(num_exits - 1):
+        done = exit_decision(exit_logits[:, k], criterion, threshold, patience, problem_type, state, regression_tolerance)
+        index = torch.where(done & running, torch.full_like(index, k), index)
+        running = running & ~done
+    return index
+
+
+def _predict(logits: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Predictions from logits (..., num_labels): the argmax (single-label) or logit > 0 per label (multi-label)."""
+    if problem_type == "multi_label_classification":
+        return logits > 0
+    return logits.argmax(dim=-1)
+
+
+def _correct(predictions: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Bool (num_samples,): the prediction is right (multi-label: every label right, i.e. exact match)."""
+    if problem_type == "multi_label_classification":
+        return (predictions == (labels > 0.5)).all(dim=-1)
+    return predictions == labels
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -86,20 +323,6 @@ def _batches(encoded, tokenizer, batch_size: int) -> list[dict[str, torch.Tensor
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded.column_names]
     rows = encoded.select_columns(columns)
     return [collator([rows[j] for j in range(i, min(i + batch_size, len(rows)))]) for i in range(0, len(rows), batch_size)]
-
-
-@torch.inference_mode()
-def time_model(model, batches, repeats: int = 2, **forward_kwargs) -> float:
-    """Seconds for one pass over `batches` (the fastest of `repeats` passes, after one warm-up batch)."""
-    model.eval()
-    model(**batches[0], **forward_kwargs)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            model(**batch, **forward_kwargs)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @torch.inference_mode()
@@ -126,11 +349,11 @@ def time_interleaved(stock, model, batches, forward_kwargs: list[dict], repeats:
 
 
 @torch.inference_mode()
-def _stock_accuracy(stock, batches, labels: torch.Tensor) -> float:
+def _stock_correct(stock, batches, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    """Bool (num_samples,): the stock model's right answers."""
     stock.eval()
-    predictions = torch.cat([stock(**batch).logits.argmax(-1) for batch in batches])
-    correct = predictions == labels
-    return float(correct.double().mean() * 100), correct.tolist()
+    predictions = torch.cat([_predict(stock(**batch).logits, problem_type) for batch in batches])
+    return _correct(predictions, labels, problem_type)
 
 
 def _exit_key(criterion: str) -> str:
@@ -154,19 +377,27 @@ def _pruning_grid(model) -> tuple[str | None, list]:
     return None, [None]
 
 
-def _pruning_off(knob: str | None, value) -> bool:
-    return knob is None or (knob == "keep_ratio_scale" and value == 0) or (knob == "prune_threshold_offset" and value <= -1.0)
-
-
-def _frontier(points: list[dict]) -> list[dict]:
-    """Points no other point beats on both accuracy and FLOPs (ties: the faster one)."""
-    ordered = sorted(points, key=lambda p: (p["flops_ratio"], -p["accuracy"]))
-    frontier, best = [], -math.inf
-    for point in ordered:
-        if point["accuracy"] > best + 1e-9:
-            frontier.append(point)
-            best = point["accuracy"]
-    return frontier
+def _problem_type(config, labels: torch.Tensor | None = None) -> str:
+    """The problem type whose exit rule the model runs at inference (no labels in the call), checked against the labels
+    when given. Raises `ValueError` for regression and for labels of another kind."""
+    served = resolve_problem_type(config, None)
+    if served == "regression":
+        raise ValueError(
+            "calibrate: problem_type='regression' has no accuracy to choose a speed by; calibration supports "
+            "'single_label_classification' and 'multi_label_classification'. Set the speed by hand with "
+            "model.set_speed(patience=...) (and config.regression_tolerance)."
+        )
+    if labels is None:
+        return served
+    multi_hot = labels.dim() == 2
+    if multi_hot != (served == "multi_label_classification"):
+        given = f"multi-hot labels of shape {tuple(labels.shape)}" if multi_hot else f"class-id labels of shape {tuple(labels.shape)}"
+        wanted = "class ids, shape (num_samples,)" if multi_hot else "multi-hot float rows, shape (num_samples, num_labels)"
+        raise ValueError(
+            f"calibrate: the data has {given}, but the model runs the {served!r} exit rule "
+            f"(config.problem_type={config.problem_type!r}): give labels as {wanted}, or set config.problem_type to match them."
+        )
+    return served
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,17 +432,19 @@ def calibrate(
     """Sweep the exit threshold (or patience) and the pruning knob on `dataset`; return the report dict.
 
     dataset: raw (text + label columns, labels named as the model's `label2id` or ClassLabel) or already tokenized
-    (`input_ids`, `attention_mask`, `labels`). stock_model: the stock fine-tuned classifier to compare speed and accuracy
-    with (default: the pyramid's own backbone, run as a plain stock model). Accuracies are in percent; `max_drop` is in
-    accuracy points below the stock model's accuracy on the same data (the pyramid at full depth and no pruning if no
-    stock model). `measure`: "frontier" times every point on the speed/accuracy frontier, "chosen" only the chosen one,
-    or a list of settings (dicts as in the points) to time at batch `batch_size` and at batch 1.
+    (`input_ids`, `attention_mask`, `labels`: class ids, or multi-hot float rows (num_labels,) for a multi-label model).
+    stock_model: the stock fine-tuned classifier to compare speed and accuracy with (default: the pyramid's own
+    backbone, run as a plain stock model). Accuracies (exact match for multi-label, see the module docstring) are in
+    percent; `max_drop` is in points below the stock model's accuracy on the same data. `measure`: "frontier" times
+    every point on the speed/accuracy frontier, "chosen" only the chosen one, or a list of settings (dicts as in the
+    points) to time at batch `batch_size` and at batch 1.
     Timings are on this machine, batch `batch_size` over the whole data, and batch 1 over `batch1_samples` samples.
     """
     from .training import prepare_dataset
 
     model.eval()
     config = model.config
+    _problem_type(config)  # regression: refused before any work
     if "input_ids" in dataset.column_names and "labels" in dataset.column_names:
         encoded = dataset if max_samples is None or max_samples >= len(dataset) else dataset.shuffle(seed=seed).select(range(max_samples))
     else:
@@ -220,6 +453,8 @@ def calibrate(
             label_column=label_column, max_length=max_length, split="validation", max_samples=max_samples, seed=seed,
         )
     labels = torch.tensor(encoded["labels"])
+    problem_type = _problem_type(config, labels)
+    metric = METRICS[problem_type]
     batches = _batches(encoded, tokenizer, batch_size)
     num_samples = len(labels)
     criterion = config.exit_criterion
@@ -242,7 +477,8 @@ def calibrate(
         stock_model = copy.deepcopy(model.backbone)
         stock_source = "the pyramid's backbone weights, run as the stock model"
     stock_model.eval()
-    stock_accuracy, stock_correct = _stock_accuracy(stock_model, batches, labels)
+    stock_correct = _stock_correct(stock_model, batches, labels, problem_type)
+    stock_accuracy = float(stock_correct.double().mean() * 100)
 
     points: list[dict] = []
     full_flops_total = None
@@ -251,7 +487,7 @@ def calibrate(
         all_logits, all_kept, all_full = [], [], []
         for batch in batches:
             out = model(**batch, output_all_exits=True, **knob_kwargs)
-            all_logits.append(torch.stack(out.exit_logits, dim=1).float())
+            all_logits.append(torch.stack(out.exit_logits, dim=1))
             all_kept.append(out.kept_tokens)
             all_full.append(full_model_flops(model, batch["attention_mask"]))
         exit_logits = torch.cat(all_logits)
@@ -260,15 +496,15 @@ def calibrate(
         full_flops_total = float(full_flops.sum())
         lengths = kept[:, 0].double()
         for exit_value in exit_grid:
-            index = simulate_exit_index(exit_logits, criterion, exit_value)
+            index = simulate_exit_index(exit_logits, criterion, exit_value, problem_type, config.regression_tolerance)
             exit_layer = exit_layers[index]
-            predictions = exit_logits[torch.arange(num_samples), index].argmax(-1)
+            right = _correct(_predict(exit_logits[torch.arange(num_samples), index], problem_type), labels, problem_type)
             ran = torch.arange(1, num_layers + 1)[None, :] <= exit_layer[:, None]
             kept_run = kept * ran
             flops = sample_flops(model, kept_run, exit_layer, **knob_kwargs).double()
             point = {
                 "setting": {exit_key: exit_value, **({knob: value} if knob else {})},
-                "accuracy": round(float((predictions == labels).double().mean() * 100), 3),
+                "accuracy": round(float(right.double().mean() * 100), 3),
                 "mean_exit_layer": round(float(exit_layer.double().mean()), 3),
                 "kept_token_fraction": round(float(kept_run.sum() / (lengths[:, None] * ran).sum()), 4),
                 "flops_ratio": round(float(flops.sum() / full_flops.sum()), 4),
@@ -278,7 +514,7 @@ def calibrate(
             }
             point["flops_speedup"] = round(1.0 / max(point["flops_ratio"], 1e-9), 3)
             if keep_correct:  # per-sample correctness, for paired comparisons (not written to calibration.json)
-                point["_correct"] = (predictions == labels).tolist()
+                point["_correct"] = right.tolist()
             points.append(point)
         log(f"calibrate: {knob or 'no pruning'}={value}: {len(exit_grid)} exit settings evaluated")
 
@@ -294,7 +530,7 @@ def calibrate(
         to_measure = [p for p in points if _normalise_setting(p["setting"]) in wanted]
         single_points = list(to_measure)
     else:
-        to_measure = _frontier(points) if measure == "frontier" else []
+        to_measure = frontier(points) if measure == "frontier" else []
         single_points = [chosen] if chosen is not None else []
     if chosen is not None and chosen not in to_measure:
         to_measure.append(chosen)
@@ -310,7 +546,7 @@ def calibrate(
         "flops": full_flops_total,
     }
     if keep_correct:
-        stock["_correct"] = stock_correct
+        stock["_correct"] = stock_correct.tolist()
     if single_points and batch1_samples:
         columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded.column_names]
         singles = [{c: torch.tensor([encoded[i][c]]) for c in columns} for i in range(min(batch1_samples, num_samples))]
@@ -328,6 +564,7 @@ def calibrate(
         "num_samples": num_samples,
         "batch_size": batch_size,
         "max_length": max_length,
+        "metric": metric,
         "exit_criterion": criterion,
         "token_pruning": config.token_pruning,
         "pruning_knob": knob,
@@ -361,51 +598,48 @@ def _forward_kwargs(setting: dict, num_exits: int, criterion: str = "entropy") -
     return kwargs
 
 
-def choose_point(points: list[dict], reference_accuracy: float, max_drop: float) -> tuple[dict, bool]:
-    """The setting to store as the default speed, and whether it meets the budget.
-
-    The lowest-FLOPs point within `max_drop` points of `reference_accuracy`; when none is, the most accurate point
-    measured (ties: the cheaper one), which may be the exact model (no early exit, no pruning). So a sweep never stores
-    a setting that it measured as less accurate than another it could have chosen.
-    """
-    eligible = [p for p in points if p["accuracy"] >= reference_accuracy - max_drop - 1e-9]
-    if eligible:
-        return min(eligible, key=lambda p: (p["flops_ratio"], -p["accuracy"])), True
-    return max(points, key=lambda p: (p["accuracy"], -p["flops_ratio"])), False
-
-
-def best_within(report: dict, max_drop: float, early_exit: bool | None = None, pruning: bool | None = None) -> dict | None:
-    """The lowest-FLOPs point within `max_drop` points of the reference accuracy, optionally restricted to points with
-    (or without) early exit / pruning. None when no point qualifies."""
-    eligible = [
-        p for p in report["points"]
-        if p["accuracy"] >= report["reference_accuracy"] - max_drop - 1e-9
-        and (early_exit is None or p["early_exit"] == early_exit)
-        and (pruning is None or p["pruning"] == pruning)
-    ]
-    return min(eligible, key=lambda p: (p["flops_ratio"], -p["accuracy"])) if eligible else None
-
-
 def format_table(report: dict, limit: int | None = None) -> str:
-    """The frontier (and the chosen point) as a text table."""
-    rows = _frontier(report["points"])
-    if report.get("chosen") and report["chosen"] not in rows:
-        rows.append(report["chosen"])
-    header = f"{'setting':<48} {'acc %':>7} {'exit L':>7} {'kept':>6} {'FLOPs':>6} {'speedup':>8}"
-    lines = [f"stock model: accuracy {report['stock']['accuracy']:.2f}% on {report['num_samples']} samples", header]
+    """The frontier (and the chosen point) as a text table, with a line saying how the chosen point (`*`) was chosen."""
+    chosen = report.get("chosen")
+    rows = frontier(report["points"])
+    on_frontier = len(rows)
+    if chosen and chosen not in rows:
+        rows.append(chosen)
+    metric = report.get("metric", "accuracy")
+    short = "exact %" if metric == "exact_match" else "acc %"
+    header = f"{'setting':<48} {short:>7} {'exit L':>7} {'kept':>6} {'FLOPs':>6} {'speedup':>8}"
+    lines = [
+        f"stock model: {METRIC_LABELS[metric]} {report['stock']['accuracy']:.2f}% on {report['num_samples']} samples",
+        header,
+    ]
     for p in rows[:limit]:
-        setting = ", ".join(f"{k}={v}" for k, v in p["setting"].items())
-        measured = f"{p['measured_speedup']:.2f}x" if "measured_speedup" in p else "-"
-        mark = " *" if p is report.get("chosen") else ""
+        measured = f"{p['measured_speedup']:.2f}x" if p.get("measured_speedup") is not None else "-"
+        mark = " *" if chosen is not None and p == chosen else ""
         lines.append(
-            f"{setting:<48} {p['accuracy']:>7.2f} {p['mean_exit_layer']:>7.2f} {p['kept_token_fraction']:>6.2f} "
-            f"{p['flops_ratio']:>6.3f} {measured:>8}{mark}"
+            f"{_describe_setting(p['setting']):<48} {p['accuracy']:>7.2f} {p['mean_exit_layer']:>7.2f} "
+            f"{p['kept_token_fraction']:>6.2f} {p['flops_ratio']:>6.3f} {measured:>8}{mark}"
         )
+    lines += [
+        f"Rows: the {on_frontier} of {len(report['points'])} settings that no other beats on both {metric.replace('_', ' ')} and FLOPs"
+        f"{' (and the chosen one)' if len(rows) > on_frontier else ''}. "
+        f"exit L: mean exit layer; kept: share of token-layers run;",
+        f"FLOPs: ratio to the stock model; speedup: stock wall-clock time / this setting's at batch {report['batch_size']} "
+        f"(- = not timed).",
+    ]
+    if chosen is not None:
+        budget = f"{report['max_drop']} points of the reference {report['reference_accuracy']:.2f}%"
+        if report.get("budget_met") is False:
+            lines.append(
+                f"* chosen as a FALLBACK: no setting is within {budget}, so this is the most accurate setting measured "
+                f"({chosen['accuracy'] - report['reference_accuracy']:+.2f} points)."
+            )
+        else:
+            lines.append(f"* chosen: the setting with the fewest FLOPs within {budget}.")
     return "\n".join(lines)
 
 
 def plot_calibration(report: dict, path) -> None:
-    """Accuracy vs FLOPs speedup, one curve per pruning knob value; measured speedups annotated."""
+    """Accuracy vs FLOPs speedup, one curve per pruning knob value; measured speedups annotated. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,21 +652,21 @@ def plot_calibration(report: dict, path) -> None:
         groups.setdefault(point["setting"].get(knob) if knob else None, []).append(point)
     for value, group in groups.items():
         group = sorted(group, key=lambda p: p["flops_speedup"])
-        label = "no pruning" if knob is None else f"{knob}={value}"
+        label = "no pruning" if knob is None else _describe_setting({knob: value})
         axis.plot([p["flops_speedup"] for p in group], [p["accuracy"] for p in group], marker=".", label=label)
     axis.axhline(report["stock"]["accuracy"], color="gray", linestyle="--", linewidth=1, label="stock model")
     if report.get("max_drop") is not None:
         axis.axhline(report["reference_accuracy"] - report["max_drop"], color="red", linestyle=":", linewidth=1,
                      label=f"-{report['max_drop']} pt")
     for point in report["points"]:
-        if "measured_speedup" in point:
+        if point.get("measured_speedup") is not None:
             axis.annotate(f"{point['measured_speedup']:.2f}x", (point["flops_speedup"], point["accuracy"]), fontsize=7,
                           textcoords="offset points", xytext=(3, 3))
     if report.get("chosen"):
         axis.plot([report["chosen"]["flops_speedup"]], [report["chosen"]["accuracy"]], marker="*", markersize=14,
                   color="black", linestyle="none", label="chosen")
     axis.set_xlabel("FLOPs speedup vs stock model (annotations: measured wall-clock speedup, batch %d)" % report["batch_size"])
-    axis.set_ylabel(f"accuracy % ({report['num_samples']} samples)")
+    axis.set_ylabel(f"{METRIC_LABELS[report.get('metric', 'accuracy')]} % ({report['num_samples']} samples)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
@@ -464,8 +698,9 @@ def calibrate_folder(
     log=print,
     **calibrate_kwargs,
 ) -> dict:
-    """Load a saved model (and its tokenizer), `calibrate`, write `calibration.json` + `calibration.png`, and with
-    `max_drop` store the chosen speed in `config.json` (nothing else in `model_dir` is written)."""
+    """Load a saved model (and its tokenizer), `calibrate`, write `calibration.json`, with `max_drop` store the chosen
+    speed in `config.json` (nothing else in `model_dir` is written), then draw `calibration.png` (skipped with a note
+    when matplotlib is not installed: the results are stored first)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} holds no config.json: pass the folder of a trained Magic Pyramid model.")
@@ -477,36 +712,46 @@ def calibrate_folder(
     if stock_path:
         report["stock"]["model"] = str(stock_path)
     report_dir = Path(report_dir) if report_dir else model_dir
-    report_dir.mkdir(parents=True, exist_ok=True)
-    write_report(report, report_dir)
+    save_report(report, report_dir)
     if max_drop is not None:
         chosen = report["chosen"]
         if not report["budget_met"]:
             log(
-                f"WARNING: no setting is within {max_drop} points of the reference accuracy "
+                f"WARNING: no setting is within {max_drop} points of the reference {METRIC_LABELS[report['metric']]} "
                 f"({report['reference_accuracy']:.2f}% on {report['num_samples']} samples). Storing the most accurate "
-                f"setting measured instead: {chosen['setting']} at {chosen['accuracy']:.2f}% "
+                f"setting measured instead: {_describe_setting(chosen['setting'])} at {chosen['accuracy']:.2f}% "
                 f"({chosen['accuracy'] - report['reference_accuracy']:+.2f} points), FLOPs ratio {chosen['flops_ratio']:.3f}."
             )
         model.set_speed(**chosen["setting"])  # None: never exit early, as in the config
         model.sync_config()
         model.config.to_json_file(str(model_dir / "config.json"), use_diff=True)
         log(f"Stored the default speed {chosen['setting']} in {model_dir / 'config.json'}")
+    plot_or_skip(report, report_dir, log=log)
     return report
 
 
-def write_report(report: dict, directory) -> None:
-    """`calibration.json` (the format documented in `hub.py`, which the model card reads) and `calibration.png`."""
-    directory = Path(directory)
+def save_report(report: dict, directory) -> Path:
+    """Write a `calibrate` report as `calibration.json` (validated; private entries and the text table left out)."""
     data = _public(report)
+    metadata = {k: v for k, v in data.items() if k not in ("format", "version", "points")}
+    return save_calibration(directory, data["points"], **metadata)
+
+
+def plot_or_skip(report: dict, directory, log=print) -> Path | None:
+    """Draw `calibration.png` into `directory`; without matplotlib, log one line and return None (an older plot there,
+    which would show another sweep, is removed)."""
+    path = Path(directory) / CALIBRATION_PNG
     try:
-        from .hub import validate_calibration
-    except ImportError:  # hub.py is optional here; the format is the same
-        validate_calibration = None
-    if validate_calibration is not None:
-        validate_calibration(copy.deepcopy(data))
-    (directory / CALIBRATION_JSON).write_text(json.dumps(data, indent=2))
-    plot_calibration(report, directory / CALIBRATION_PNG)
+        import matplotlib  # noqa: F401
+    except ImportError:
+        removed = ""
+        if path.is_file():
+            path.unlink()
+            removed = f"; removed the older {CALIBRATION_PNG}, which showed an earlier sweep"
+        log(f"Skipped {CALIBRATION_PNG}: matplotlib is not installed (pip install 'hf-magicpyramid[plot]'){removed}.")
+        return None
+    plot_calibration(report, path)
+    return path
 
 
 def _public(value):
@@ -525,4 +770,26 @@ def _device_description() -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-__all__ = ["calibrate", "calibrate_folder", "choose_point", "simulate_exit_index", "best_within", "format_table", "plot_calibration", "time_model", "time_interleaved"]
+__all__ = [
+    "CALIBRATION_JSON",
+    "CALIBRATION_PNG",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "EXIT_KNOBS",
+    "PRUNING_KNOBS",
+    "validate_calibration",
+    "load_calibration",
+    "save_calibration",
+    "frontier",
+    "choose_point",
+    "best_within",
+    "is_default_point",
+    "simulate_exit_index",
+    "calibrate",
+    "calibrate_folder",
+    "format_table",
+    "plot_calibration",
+    "save_report",
+    "plot_or_skip",
+    "time_interleaved",
+]

@@ -343,39 +343,6 @@ def test_cli_train_then_sweep(tmp_path, tiny_dir):
     assert config["keep_ratio_scale"] == report["chosen"]["setting"]["keep_ratio_scale"]
 
 
-def test_choose_point_falls_back_to_the_most_accurate_setting():
-    from hf_magicpyramid.calibration import choose_point
-
-    points = [
-        {"setting": {"exit_threshold": None, "keep_ratio_scale": 0.0}, "accuracy": 80.0, "flops_ratio": 1.0},
-        {"setting": {"exit_threshold": 0.5, "keep_ratio_scale": 0.0}, "accuracy": 81.0, "flops_ratio": 0.6},
-        {"setting": {"exit_threshold": 0.3, "keep_ratio_scale": 0.0}, "accuracy": 81.0, "flops_ratio": 0.7},
-        {"setting": {"exit_threshold": 0.9, "keep_ratio_scale": 2.0}, "accuracy": 70.0, "flops_ratio": 0.2},
-    ]
-    assert choose_point(points, 82.0, 0.5) == (points[1], False)  # none within 0.5 of 82: most accurate, then cheaper
-    assert choose_point(points, 82.0, 1.5) == (points[1], True)  # 81 and 81 qualify: the cheaper
-    assert choose_point(points, 82.0, 12.0) == (points[3], True)
-    assert choose_point(points[:1], 90.0, 0.0) == (points[0], False)  # down to the exact model
-
-
-def test_simulated_exits_match_the_model(tmp_path, tokenizer, encoded):
-    """Calibration's offline exit rule gives the same predictions and exit layers as the model's own batched forward."""
-    from hf_magicpyramid.calibration import simulate_exit_index
-
-    for criterion, value in (("entropy", 0.9), ("confidence", 0.52), ("patience", 1)):
-        model = tiny_pyramid(exit_criterion=criterion, exit_pooling="mean", token_pruning="topk").eval()
-        batch = DataCollatorWithPadding(tokenizer)([{k: encoded[i][k] for k in ("input_ids", "attention_mask", "token_type_ids")} for i in range(16)])
-        with torch.no_grad():
-            everything = model(**batch, output_all_exits=True)
-            kwargs = {"patience": value} if criterion == "patience" else {"exit_threshold": value}
-            real = model(**batch, **kwargs)
-        index = simulate_exit_index(torch.stack(everything.exit_logits, dim=1), criterion, value)
-        exit_layer = torch.tensor(model.exit_layers)[index]
-        assert torch.equal(exit_layer, real.exit_layer), criterion
-        chosen = torch.stack(everything.exit_logits, dim=1)[torch.arange(16), index]
-        torch.testing.assert_close(chosen, real.logits, atol=1e-5, rtol=1e-4)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Clear errors on bad data
 # ---------------------------------------------------------------------------------------------------------------------
