@@ -526,3 +526,135 @@ def _device_description() -> str:
 
 
 __all__ = ["calibrate", "calibrate_folder", "choose_point", "simulate_exit_index", "best_within", "format_table", "plot_calibration", "time_model", "time_interleaved"]
+
+
+# =====================================================================================================================
+# Moved verbatim from hub.py by helper "hub" (issue 10: calibration.py owns calibration.json). Names follow the agreed
+# interface (hub's CALIBRATION_FILE / CALIBRATION_FORMAT / CALIBRATION_VERSION are this file's CALIBRATION_JSON /
+# FORMAT_NAME / FORMAT_VERSION; hub._frontier is frontier). Helper "calib" makes the same move; the lead keeps one copy on merge.
+#
+# Calibration result (`calibration.json`, beside config.json): what `calibration.py` writes, and what `write_model_card`
+# reads to show a speed/accuracy table. One JSON object (comments here only):
+#
+#     {
+#       "format": "hf-magicpyramid-calibration",      # required, with "version": 1
+#       "version": 1,
+#       "num_samples": 1390,                          # optional: samples measured (the reader judges accuracy noise by it)
+#       "batch_size": 32,                             # optional: batch size of the speed measurement
+#       "dataset": "Rotten Tomatoes snippets, test",  # optional, free text; "device" likewise
+#       "stock": {"accuracy": 84.2},                  # optional: the stock fine-tuned model on the same data (percent)
+#       "chosen": {...},                              # optional: the point stored as the model's default speed
+#       "points": [                                   # one per speed setting measured, any order
+#         {
+#           "setting": {                              # the knobs, as `set_speed` takes them:
+#             "exit_threshold": 0.3,                  #   "exit_threshold" (entropy / confidence) or "patience";
+#                                                     #   null = never exit early
+#             "keep_ratio_scale": 1.0                 #   "keep_ratio_scale" (topk) or "prune_threshold_offset"
+#           },                                        #   (threshold), when the model prunes
+#           "accuracy": 83.8,                         # percent
+#           "mean_exit_layer": 3.2,                   # mean 1-based layer at which samples exited
+#           "kept_token_fraction": 0.71,              # token-layers run / token-layers without pruning, in [0, 1]
+#           "flops_ratio": 0.41,                      # FLOPs / the stock model's (0.41 = 59% fewer)
+#           "measured_speedup": 2.2                   # optional: stock wall-clock time / this setting's, when measured
+#         }
+#       ]
+#     }
+#
+# Also read: knobs given flat in the point instead of under "setting", and "speedup" for "measured_speedup". Other
+# keys are kept and ignored. A plot may lie beside it as `calibration.png`; the model card shows both.
+# =====================================================================================================================
+
+EXIT_KNOBS = ("exit_threshold", "patience")
+PRUNING_KNOBS = ("keep_ratio_scale", "prune_threshold_offset")
+CALIBRATION_MEASURES = ("accuracy", "mean_exit_layer", "kept_token_fraction", "flops_ratio")
+
+
+def _number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def validate_calibration(data, source: str = "calibration") -> dict:
+    """Check a calibration result (the format in this module's docstring) and return it in one shape: every point with
+    its knobs under "setting" and its wall-clock speedup (or None) under "measured_speedup". Raises `ValueError`
+    naming the bad entry."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a calibration result is a JSON object with a 'points' list, not {type(data).__name__}.")
+    if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{source}: format={data.get('format')!r}, version={data.get('version')!r} is not supported; this version "
+            f"reads format {FORMAT_NAME!r}, version {FORMAT_VERSION}."
+        )
+    points = data.get("points")
+    if not isinstance(points, list) or not points:
+        raise ValueError(f"{source}: 'points' must be a non-empty list of measured speed settings.")
+    normalized = []
+    for i, raw in enumerate(points):
+        where = f"{source}: points[{i}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where} must be an object, not {type(raw).__name__}.")
+        setting = raw.get("setting")
+        if setting is None:
+            setting = {knob: raw[knob] for knob in EXIT_KNOBS + PRUNING_KNOBS if knob in raw}
+        if not isinstance(setting, dict) or not setting:
+            raise ValueError(f"{where} names no speed knob: give a 'setting' with one of {', '.join(EXIT_KNOBS + PRUNING_KNOBS)}.")
+        unknown = sorted(set(setting) - set(EXIT_KNOBS + PRUNING_KNOBS))
+        if unknown:
+            raise ValueError(f"{where}.setting has unknown knobs {unknown}; knobs are {', '.join(EXIT_KNOBS + PRUNING_KNOBS)}.")
+        if all(knob in setting for knob in EXIT_KNOBS) or all(knob in setting for knob in PRUNING_KNOBS):
+            raise ValueError(f"{where} gives two knobs of one kind: use one of {EXIT_KNOBS} and at most one of {PRUNING_KNOBS}.")
+        for knob, value in setting.items():
+            if value is not None and not _number(value):
+                raise ValueError(f"{where}: {knob}={value!r} must be a number (or null for an exit knob: never exit early).")
+        for measure in CALIBRATION_MEASURES:
+            if not _number(raw.get(measure)):
+                raise ValueError(f"{where} lacks a number for {measure!r} (got {raw.get(measure)!r}); every point needs {CALIBRATION_MEASURES}.")
+        if not 0 <= raw["accuracy"] <= 100:
+            raise ValueError(f"{where}: accuracy={raw['accuracy']!r} must be a percentage in [0, 100].")
+        if not 0 <= raw["kept_token_fraction"] <= 1:
+            raise ValueError(f"{where}: kept_token_fraction={raw['kept_token_fraction']!r} must be a fraction in [0, 1].")
+        for measure in ("mean_exit_layer", "flops_ratio"):
+            if raw[measure] <= 0:
+                raise ValueError(f"{where}: {measure}={raw[measure]!r} must be positive.")
+        speedup = raw.get("measured_speedup", raw.get("speedup"))
+        if speedup is not None and (not _number(speedup) or speedup <= 0):
+            raise ValueError(f"{where}: measured_speedup={speedup!r} must be a positive number (or absent when not measured).")
+        normalized.append({**raw, "setting": dict(setting), "measured_speedup": speedup})
+    stock = data.get("stock")
+    if stock is not None and (not isinstance(stock, dict) or ("accuracy" in stock and not _number(stock["accuracy"]))):
+        raise ValueError(f"{source}: 'stock' must be an object whose 'accuracy' is a percentage, got {stock!r}.")
+    return {**data, "points": normalized}
+
+
+def save_calibration(save_directory, points: list[dict], **metadata) -> Path:
+    """Validate and write `calibration.json` into `save_directory`; `metadata`: num_samples, batch_size, dataset,
+    device, stock, chosen (see the module docstring). Returns the file's path."""
+    data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata, "points": list(points)}
+    validate_calibration(data)
+    path = Path(save_directory) / CALIBRATION_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def load_calibration(path_or_dir) -> dict | None:
+    """The validated calibration result in a model folder (or a JSON file), or None when there is none."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / CALIBRATION_JSON
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    return validate_calibration(data, source=str(path))
+
+
+def frontier(points: list[dict]) -> list[dict]:
+    """Points no other point beats: fewer FLOPs at accuracy at least as high, in order of FLOPs."""
+    kept, best = [], -math.inf
+    for point in sorted(points, key=lambda p: (p["flops_ratio"], -p["accuracy"])):
+        if point["accuracy"] > best:
+            kept.append(point)
+            best = point["accuracy"]
+    return kept
