@@ -28,6 +28,7 @@ import hf_magicpyramid  # noqa: E402
 from hf_magicpyramid import MagicPyramidConfig, MagicPyramidForSequenceClassification  # noqa: E402
 from hf_magicpyramid.adapters import check_supported  # noqa: E402
 from hf_magicpyramid.exits import normalized_entropy  # noqa: E402
+from hf_magicpyramid.modeling_magic_pyramid import REMOTE_CODE_FILES  # noqa: E402
 from hf_magicpyramid.hub import (  # noqa: E402
     CARD_MARKER,
     HubAuthenticationError,
@@ -64,7 +65,7 @@ TEXTS = [
 TINY_PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082"
 )
-EXPECTED_CODE = {"configuration_magic_pyramid.py", "modeling_magic_pyramid.py", "adapters.py", "exits.py", "pruning.py"}
+EXPECTED_CODE = set(REMOTE_CODE_FILES)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def published(tmp_path_factory, minilm_path):
             dir_c = root / "model_c"
             shutil.copytree(dir_a, dir_c)
             code_files = {path.name for path in dir_a.glob("*.py")}
-            assert EXPECTED_CODE <= code_files  # save_pretrained wrote the custom code
+            assert code_files == EXPECTED_CODE  # save_pretrained wrote exactly the declared custom code
             for name in code_files:
                 (dir_c / name).unlink()
             config_c = json.loads((dir_c / "config.json").read_text())
@@ -688,10 +689,20 @@ def test_preset_errors(tmp_path):
     assert load_preset(path)["exit_pooling"] == "mean"
 
 
-def test_hub_module_is_not_custom_code():
-    for name in ("configuration_magic_pyramid.py", "modeling_magic_pyramid.py", "adapters.py", "exits.py", "pruning.py"):
-        text = (Path(hf_magicpyramid.__file__).parent / name).read_text()
-        assert "from .hub" not in text and "import hub" not in text
+def test_remote_code_files_are_what_save_pretrained_copies(tmp_path):
+    """REMOTE_CODE_FILES is exactly the set of .py files transformers copies on save_pretrained (the modeling file and
+    its relative imports, indented ones included); presets, CLI, training and Hub code never travel."""
+    package = Path(hf_magicpyramid.__file__).parent
+    MagicPyramidForSequenceClassification(MagicPyramidConfig(backbone_config=tiny_config("bert"))).save_pretrained(tmp_path)
+    saved = sorted(path.name for path in tmp_path.glob("*.py"))
+    assert saved == sorted(REMOTE_CODE_FILES) and len(set(REMOTE_CODE_FILES)) == len(REMOTE_CODE_FILES)
+    for name in saved:  # plain copies of the installed modules
+        assert (tmp_path / name).read_bytes() == (package / name).read_bytes()
+    staying = {"presets.py", "cli.py", "arguments.py", "training.py", "data.py", "hub.py", "calibration.py", "__init__.py"}
+    assert not staying & set(REMOTE_CODE_FILES)
+    for name in REMOTE_CODE_FILES:
+        text = (package / name).read_text()
+        assert "from .hub" not in text and "import hub" not in text and "from .presets" not in text
 
 
 def test_preset_labels_agree_with_the_backbone(tmp_path):
@@ -705,9 +716,9 @@ def test_preset_labels_agree_with_the_backbone(tmp_path):
     assert inherited.num_labels == 3  # from the backbone config when not given, as from_backbone does
 
 
-def test_config_from_preset_classmethod():
-    if not hasattr(MagicPyramidConfig, "from_preset"):
-        pytest.skip("MagicPyramidConfig.from_preset is not added yet (it delegates to presets.config_from_preset)")
+def test_config_from_preset_with_overrides():
+    # A function of presets.py, not a config classmethod: the config file travels to the Hub, the presets do not.
+    assert not hasattr(MagicPyramidConfig, "from_preset")
     backbone = tiny_config("deberta-v2", num_hidden_layers=12)
-    config = MagicPyramidConfig.from_preset("deberta-v3-base", backbone_config=backbone, exit_threshold=0.2)
+    config = config_from_preset("deberta-v3-base", backbone_config=backbone, exit_threshold=0.2)
     assert isinstance(config, MagicPyramidConfig) and config.token_pruning == "topk" and config.exit_threshold == 0.2
