@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .calibration import (
@@ -60,6 +59,8 @@ MODEL_FILES = (CONFIG_FILE, *TOKENIZER_FILES, "generation_config.json", "preproc
 # Never uploaded, not even through include=: loading a pickle runs code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 NAME_OR_PATH_KEYS = ("_name_or_path", "name_or_path")
+# JSON files that hold no local path and whose strings are data (tokens, merges, shard names): never rewritten.
+UNSCRUBBED_JSON = ("tokenizer.json", "vocab.json", WEIGHTS_INDEX)
 
 
 class HubPushError(RuntimeError):
@@ -537,10 +538,11 @@ _ABSOLUTE_PATH = re.compile(r"^(?:/|~[/\\]|[A-Za-z]:[/\\]|\\\\)[^\n]*$")
 
 
 def _local_roots(folder: Path) -> list[str]:
-    """Folders whose paths must not leave the machine (longest first): the model folder, the working and temporary
-    folders, the home folder."""
-    roots = {str(folder.absolute()), str(folder.resolve()), os.getcwd(), tempfile.gettempdir(), str(Path.home())}
-    return sorted((root for root in roots if len(Path(root).parts) >= 2), key=len, reverse=True)
+    """Folders whose paths must not leave the machine, longest first: the model folder and its parent, the working
+    folder, the home folder; only ones at least two levels deep, so that a short root ("/app") never matches a word."""
+    model_folders = (folder.absolute(), folder.resolve())
+    roots = {str(path) for path in (*model_folders, *(path.parent for path in model_folders), Path.cwd(), Path.home())}
+    return sorted((root for root in roots if len(Path(root).parts) >= 3), key=len, reverse=True)
 
 
 def _path_name(path: str) -> str:
@@ -626,7 +628,7 @@ def check_model_folder(model_dir, *, include=(), require_tokenizer: bool = True,
 
     roots = _local_roots(folder)
     for name, source in files.items():
-        if not name.endswith(".json") or isinstance(source, bytes) or name == WEIGHTS_INDEX:
+        if not name.endswith(".json") or isinstance(source, bytes) or Path(name).name in UNSCRUBBED_JSON:
             continue
         data = _read_json(source)
         clean = scrub_local_paths(data, roots)
