@@ -132,13 +132,6 @@ class MagicPyramidConfig(PreTrainedConfig):
         self.backbone_config.problem_type = self.problem_type
         self.validate_pyramid()
 
-    @classmethod
-    def from_preset(cls, name_or_path, backbone_config=None, **overrides) -> "MagicPyramidConfig":
-        """A config from a preset in `hub_configs/` (a name such as "bert-base-uncased", or a JSON path); see `presets.py`."""
-        from .presets import config_from_preset  # lazy: loading a config never needs the preset files
-
-        return config_from_preset(name_or_path, backbone_config, config_class=cls, **overrides)
-
     # ----------------------------------------------------------------------------------------------------------------
     # Derived facts about the backbone
     # ----------------------------------------------------------------------------------------------------------------

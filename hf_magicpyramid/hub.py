@@ -1,87 +1,67 @@
-"""Share a Magic Pyramid model on the Hugging Face Hub: a model card, a safe upload, and the `push` command.
+"""Share a Magic Pyramid model on the Hugging Face Hub: a model card, and an upload of the model and nothing else.
 
     from hf_magicpyramid.hub import push_to_hub, write_model_card
     model.save_pretrained("out"); tokenizer.save_pretrained("out")
     push_to_hub("out", "username/my-pyramid")          # token: token=..., HF_TOKEN, or `hf auth login`
 
-`push_to_hub` uploads a saved folder as it is, without loading the weights and without writing into it: files it has to
-add (a model card, custom code files the folder lacks, an `auto_map` in config.json) go to a temporary staging folder
-that links to the user's files, and that folder is uploaded. The model loads from the Hub in two ways: with this package
-installed (`import hf_magicpyramid`, no remote code runs) or anywhere with `trust_remote_code=True` (the custom code files
-saved beside the weights run).
+`push_to_hub` uploads a saved folder in one commit (`HfApi.create_commit`), without loading the weights and without
+writing into the folder. It uploads an allowlist: config.json, the safetensors weights, the tokenizer files, a
+generation or preprocessor config, the model card (README.md), calibration.json / calibration.png and the custom code
+files; anything else (training stages, summaries, checkpoints) only when an `include=` pattern names it, and pickled
+files never. Local absolute paths are removed from the JSON files on the way (in the uploaded bytes, not in the
+folder). The model loads from the Hub with this package installed (`import hf_magicpyramid`, no remote code runs) or
+anywhere with `trust_remote_code=True` (the custom code files `REMOTE_CODE_FILES` run).
 
-This module is not custom code: the modeling files never import it.
-
-Calibration result (`calibration.json`, beside config.json): what `calibration.py` writes, and what `write_model_card`
-reads to show a speed/accuracy table. One JSON object (comments here only):
-
-    {
-      "format": "hf-magicpyramid-calibration",      # required, with "version": 1
-      "version": 1,
-      "num_samples": 1390,                          # optional: samples measured (the reader judges accuracy noise by it)
-      "batch_size": 32,                             # optional: batch size of the speed measurement
-      "dataset": "Rotten Tomatoes snippets, test",  # optional, free text; "device" likewise
-      "stock": {"accuracy": 84.2},                  # optional: the stock fine-tuned model on the same data (percent)
-      "chosen": {...},                              # optional: the point stored as the model's default speed
-      "points": [                                   # one per speed setting measured, any order
-        {
-          "setting": {                              # the knobs, as `set_speed` takes them:
-            "exit_threshold": 0.3,                  #   "exit_threshold" (entropy / confidence) or "patience";
-                                                    #   null = never exit early
-            "keep_ratio_scale": 1.0                 #   "keep_ratio_scale" (topk) or "prune_threshold_offset"
-          },                                        #   (threshold), when the model prunes
-          "accuracy": 83.8,                         # percent
-          "mean_exit_layer": 3.2,                   # mean 1-based layer at which samples exited
-          "kept_token_fraction": 0.71,              # token-layers run / token-layers without pruning, in [0, 1]
-          "flops_ratio": 0.41,                      # FLOPs / the stock model's (0.41 = 59% fewer)
-          "measured_speedup": 2.2                   # optional: stock wall-clock time / this setting's, when measured
-        }
-      ]
-    }
-
-Also read: knobs given flat in the point instead of under "setting", and "speedup" for "measured_speedup". Other
-keys are kept and ignored. A plot may lie beside it as `calibration.png`; the model card shows both.
+This module is not custom code: the modeling files never import it. The calibration result (`calibration.json`, its
+format and reader) belongs to `calibration.py`; the `push` command to `cli.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
 import json
 import math
 import os
+import re
 import shutil
-import struct
-import sys
-import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from .calibration import (
+    CALIBRATION_JSON,
+    CALIBRATION_PNG,
+    EXIT_KNOBS,
+    PRUNING_KNOBS,
+    frontier,
+    is_default_point,
+    load_calibration,
+    validate_calibration,
+)
 from .configuration_magic_pyramid import MagicPyramidConfig
-from .modeling_magic_pyramid import AUTO_MAP, MagicPyramidPreTrainedModel
-
-CALIBRATION_FILE = "calibration.json"
-CALIBRATION_PLOT = "calibration.png"
-CALIBRATION_FORMAT = "hf-magicpyramid-calibration"
-CALIBRATION_VERSION = 1
-EXIT_KNOBS = ("exit_threshold", "patience")
-PRUNING_KNOBS = ("keep_ratio_scale", "prune_threshold_offset")
-CALIBRATION_MEASURES = ("accuracy", "mean_exit_layer", "kept_token_fraction", "flops_ratio")
-CARD_TABLE_ROWS = 12  # more points than this: the card shows the speed/accuracy frontier (all stay in the JSON)
+from .modeling_magic_pyramid import AUTO_MAP, REMOTE_CODE_FILES, MagicPyramidPreTrainedModel
 
 MODEL_CARD = "README.md"
-# Marks a card this module wrote: write_model_card replaces such a card, never one a person wrote.
+# Marks a card this module wrote: write_model_card and push_to_hub replace such a card, never one a person wrote.
 CARD_MARKER = "<!-- Written by hf-magicpyramid (write_model_card may regenerate it): delete this line to keep your edits. -->"
 DEFAULT_LICENSE = "apache-2.0"
 CARD_TAGS = ("magic-pyramid", "early-exit", "token-pruning")
+CARD_TABLE_ROWS = 12  # more points than this: the card shows the speed/accuracy frontier (all stay in the JSON)
 
+CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "spm.model")
-# Never uploaded from a model folder: hidden files, Trainer checkpoints and state, logs, caches, pickled arguments.
-DEFAULT_IGNORE = (".*", "checkpoint-*", "runs", "__pycache__", "*.pyc", "optimizer.pt", "scheduler.pt", "rng_state*.pth",
-                  "training_args.bin")
+TOKENIZER_FILES = (TOKENIZER_CONFIG, *TOKENIZER_VOCABULARIES, "merges.txt", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+# The allowlist besides weights and code: what a saved model folder holds that loading it needs or shows.
+MODEL_FILES = (CONFIG_FILE, *TOKENIZER_FILES, "generation_config.json", "preprocessor_config.json", CALIBRATION_JSON,
+               CALIBRATION_PNG)
+# Never uploaded, not even through include=: loading a pickle runs code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+NAME_OR_PATH_KEYS = ("_name_or_path", "name_or_path")
+# JSON files that hold no local path and whose strings are data (tokens, merges, shard names): never rewritten.
+UNSCRUBBED_JSON = ("tokenizer.json", "vocab.json", WEIGHTS_INDEX)
 
 
 class HubPushError(RuntimeError):
@@ -97,108 +77,152 @@ class HubConnectionError(HubPushError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Calibration results
+# Model card: a Jinja template rendered by huggingface_hub.ModelCard.from_template
 # ---------------------------------------------------------------------------------------------------------------------
 
+CARD_TEMPLATE = """\
+---
+{{ card_data }}
+---
 
-def _number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+{{ marker }}
+
+# {{ title }}
+
+A **Magic Pyramid** text classifier made with [hf-magicpyramid](https://pypi.org/project/hf-magicpyramid/) from \
+{{ backbone }} ({{ family }}). It computes less on easy and long inputs in two ways, both adjustable at run time without \
+retraining: **early exit** (a sample leaves at the first exit whose prediction is sure enough) and **token pruning** \
+(the tokens that matter least are removed, so later layers run on shorter sequences). The backbone's own layers and \
+classification head run unchanged; the final exit is the stock head.
+
+## Model
+
+| | |
+| --- | --- |
+| backbone | {{ family }}, {{ backbone }} |
+| size | {{ c.num_hidden_layers }} layers, hidden {{ c.hidden_size }}, {{ c.full_heads }} heads, FFN {{ c.full_ffn }}\
+{{ parameters }} |
+| labels | {{ labels }} |
+| problem type | {{ c.problem_type or "single_label_classification" }} |
+
+## Early exit
+
+- exits after layers {{ exit_layers }} (the last one is the backbone's classification head)
+- a sample exits when {{ criterion }}
+- intermediate exits pool the {{ "first token" if c.exit_pooling == "cls" else "mean of the kept tokens" }} \
+(`exit_pooling = "{{ c.exit_pooling }}"`); exits trained with the `{{ c.exit_objective }}` objective
+- default speed: {{ exit_speed }}
+
+## Token pruning
+
+{% if c.token_pruning == "none" -%}
+Off: every layer runs on every token.
+{% else -%}
+{% if c.token_pruning == "topk" -%}
+- mode `topk`: before each layer, keep the share `keep_ratios[i] ** keep_ratio_scale` of each sample's tokens, \
+ranked by {{ importance }}
+- schedule `keep_ratios` (layer 1 to {{ c.num_hidden_layers }}): {{ schedule }}
+- default speed: `keep_ratio_scale = {{ "%g" % c.keep_ratio_scale }}` (above 1 prunes harder, below 1 gentler)
+{% else -%}
+- mode `threshold` (learned, LTP-style): before each layer, drop the tokens whose importance ({{ importance }}) is \
+below that layer's threshold plus `prune_threshold_offset`
+- schedule `prune_thresholds` (layer 1 to {{ c.num_hidden_layers }}): {{ schedule }}
+- default speed: `prune_threshold_offset = {{ "%g" % c.prune_threshold_offset }}` (above 0 prunes harder)
+{% endif -%}
+- a sample always keeps its first token and at least {{ c.min_kept_tokens }} token(s)
+{% endif %}
+## Layer widths
+
+{% if not widths -%}
+Full width: {{ c.full_heads }} attention heads and {{ c.full_ffn }} FFN neurons in every layer.
+{% else -%}
+Slenderized (COST-EFF style): heads and FFN neurons kept per layer, out of {{ c.full_heads }} and {{ c.full_ffn }}.
+
+| layer | heads | FFN |
+| --- | --- | --- |
+{% for heads, ffn in widths -%}
+| {{ loop.index }} | {{ heads }} | {{ ffn }} |
+{% endfor -%}
+{% endif %}
+{% if table -%}
+## Speed and accuracy
+
+Measured at each speed setting{{ measured }}. FLOPs and kept tokens are relative to the model without early exit and \
+pruning; speedup is measured wall-clock time against the stock model (where it was measured). The row marked \
+**default** is the speed saved in this model's config.
+
+{% if table_note -%}
+{{ table_note }}
+
+{% endif -%}
+{% for row in table -%}
+| {{ row | join(" | ") }} |
+{% endfor %}
+{% if plot -%}
+![Accuracy against speed at each setting]({{ plot }})
+
+{% endif -%}
+{% endif -%}
+## Usage
+
+With the plugin installed (`pip install hf-magicpyramid`), no code from this repository runs:
+
+```python
+import hf_magicpyramid  # registers the magic_pyramid model type with the Auto classes
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+model = AutoModelForSequenceClassification.from_pretrained("{{ repo }}").eval()
+tokenizer = AutoTokenizer.from_pretrained("{{ tokenizer_repo }}")
+inputs = tokenizer(["a gripping, beautifully shot film", "dull"], padding=True, return_tensors="pt")
+outputs = model(**inputs)
+outputs.logits, outputs.exit_layer  # each sample's logits at its exit, and the 1-based layer it exited after
+
+from transformers import pipeline
+
+classifier = pipeline("text-classification", model="{{ repo }}")
+```
+
+Without the plugin, load the custom code saved in this repository (pin the revision you reviewed):
+
+```python
+from transformers import AutoModelForSequenceClassification
+
+model = AutoModelForSequenceClassification.from_pretrained("{{ repo }}", trust_remote_code=True, revision="<commit sha>")
+```
+
+Change the speed without retraining, for the model (saved with it) or for one call:
+
+```python
+model.set_speed({{ speed_example }})
+outputs = model(**inputs, {{ call_example }})
+```
+
+### Remote code and security
+
+`trust_remote_code=True` runs the Python files of this repository ({{ code_files }}) on your machine with your \
+permissions. Read them before you load the model, and pin `revision=` to the commit you read, so that a later push \
+cannot change the code you run. Loading with the plugin installed runs only the installed package's code, and the \
+weights are safetensors (no pickle).
+"""
 
 
-def validate_calibration(data, source: str = "calibration") -> dict:
-    """Check a calibration result (the format in this module's docstring) and return it in one shape: every point with
-    its knobs under "setting" and its wall-clock speedup (or None) under "measured_speedup". Raises `ValueError`
-    naming the bad entry."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: a calibration result is a JSON object with a 'points' list, not {type(data).__name__}.")
-    if data.get("format") != CALIBRATION_FORMAT or data.get("version") != CALIBRATION_VERSION:
-        raise ValueError(
-            f"{source}: format={data.get('format')!r}, version={data.get('version')!r} is not supported; this version "
-            f"reads format {CALIBRATION_FORMAT!r}, version {CALIBRATION_VERSION}."
-        )
-    points = data.get("points")
-    if not isinstance(points, list) or not points:
-        raise ValueError(f"{source}: 'points' must be a non-empty list of measured speed settings.")
-    normalized = []
-    for i, raw in enumerate(points):
-        where = f"{source}: points[{i}]"
-        if not isinstance(raw, dict):
-            raise ValueError(f"{where} must be an object, not {type(raw).__name__}.")
-        setting = raw.get("setting")
-        if setting is None:
-            setting = {knob: raw[knob] for knob in EXIT_KNOBS + PRUNING_KNOBS if knob in raw}
-        if not isinstance(setting, dict) or not setting:
-            raise ValueError(f"{where} names no speed knob: give a 'setting' with one of {', '.join(EXIT_KNOBS + PRUNING_KNOBS)}.")
-        unknown = sorted(set(setting) - set(EXIT_KNOBS + PRUNING_KNOBS))
-        if unknown:
-            raise ValueError(f"{where}.setting has unknown knobs {unknown}; knobs are {', '.join(EXIT_KNOBS + PRUNING_KNOBS)}.")
-        if all(knob in setting for knob in EXIT_KNOBS) or all(knob in setting for knob in PRUNING_KNOBS):
-            raise ValueError(f"{where} gives two knobs of one kind: use one of {EXIT_KNOBS} and at most one of {PRUNING_KNOBS}.")
-        for knob, value in setting.items():
-            if value is not None and not _number(value):
-                raise ValueError(f"{where}: {knob}={value!r} must be a number (or null for an exit knob: never exit early).")
-        for measure in CALIBRATION_MEASURES:
-            if not _number(raw.get(measure)):
-                raise ValueError(f"{where} lacks a number for {measure!r} (got {raw.get(measure)!r}); every point needs {CALIBRATION_MEASURES}.")
-        if not 0 <= raw["accuracy"] <= 100:
-            raise ValueError(f"{where}: accuracy={raw['accuracy']!r} must be a percentage in [0, 100].")
-        if not 0 <= raw["kept_token_fraction"] <= 1:
-            raise ValueError(f"{where}: kept_token_fraction={raw['kept_token_fraction']!r} must be a fraction in [0, 1].")
-        for measure in ("mean_exit_layer", "flops_ratio"):
-            if raw[measure] <= 0:
-                raise ValueError(f"{where}: {measure}={raw[measure]!r} must be positive.")
-        speedup = raw.get("measured_speedup", raw.get("speedup"))
-        if speedup is not None and (not _number(speedup) or speedup <= 0):
-            raise ValueError(f"{where}: measured_speedup={speedup!r} must be a positive number (or absent when not measured).")
-        normalized.append({**raw, "setting": dict(setting), "measured_speedup": speedup})
-    stock = data.get("stock")
-    if stock is not None and (not isinstance(stock, dict) or ("accuracy" in stock and not _number(stock["accuracy"]))):
-        raise ValueError(f"{source}: 'stock' must be an object whose 'accuracy' is a percentage, got {stock!r}.")
-    return {**data, "points": normalized}
+def _hub_id(name) -> bool:
+    """Whether `name` is a Hub repo id rather than a local folder (an existing path, relative or not, is local)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-
-def save_calibration(save_directory, points: list[dict], **metadata) -> Path:
-    """Validate and write `calibration.json` into `save_directory`; `metadata`: num_samples, batch_size, dataset,
-    device, stock, chosen (see the module docstring). Returns the file's path."""
-    data = {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, **metadata, "points": list(points)}
-    validate_calibration(data)
-    path = Path(save_directory) / CALIBRATION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-def load_calibration(path_or_dir) -> dict | None:
-    """The validated calibration result in a model folder (or a JSON file), or None when there is none."""
-    path = Path(path_or_dir)
-    if path.is_dir():
-        path = path / CALIBRATION_FILE
-    if not path.is_file():
-        return None
+    if not isinstance(name, str) or not name or name.startswith((".", "~", "/")) or os.path.isabs(name) or Path(name).exists():
+        return False
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    return validate_calibration(data, source=str(path))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------------------------------
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def hub_base_model(config: MagicPyramidConfig) -> str | None:
     """The backbone checkpoint's Hub id when the config knows it (not a local folder), else None."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     name = getattr(config.backbone_config, "_name_or_path", "") or ""
-    if not name or name.startswith((".", "~", "/")) or os.path.isabs(name) or Path(name).exists():
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
+    return name if _hub_id(name) else None
 
 
 def _fmt_list(values) -> str:
@@ -208,15 +232,40 @@ def _fmt_list(values) -> str:
 def _fmt_number(value, digits: int = 3) -> str:
     if value is None:
         return "never"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def _fmt_params(count: int | None) -> str:
-    if not count:
-        return ""
-    return f"; {count / 1e6:.1f}M parameters" if count >= 1e5 else f"; {count:,} parameters"
+def _calibration_table(config: MagicPyramidConfig, calibration: dict) -> tuple[list[list[str]], str, str]:
+    """(table rows as cells, header row first; the note on what was measured; the note on shown rows)."""
+    points = calibration["points"]
+    shown = points
+    if len(points) > CARD_TABLE_ROWS:
+        shown = frontier(points)
+        shown += [p for p in points if is_default_point(config, p) and p not in shown]
+    knobs = [knob for knob in EXIT_KNOBS + PRUNING_KNOBS if any(knob in point["setting"] for point in shown)]
+    measured = [f"{label} {calibration[key]}" for key, label in
+                (("dataset", "on"), ("num_samples", "samples:"), ("batch_size", "batch size"), ("device", "device:"))
+                if calibration.get(key) not in (None, "")]
+    note = "" if shown is points else (f"{len(points)} settings were measured; the table shows the {len(shown)} on the "
+                                       f"speed/accuracy frontier (all are in `{CALIBRATION_JSON}`).")
+    rows = [[*(f"`{k}`" for k in knobs), "accuracy", "mean exit layer", "kept tokens", "FLOPs", "speedup", ""],
+            ["---"] * (len(knobs) + 6)]
+    stock = calibration.get("stock") or {}
+    if isinstance(stock.get("accuracy"), (int, float)) and not isinstance(stock["accuracy"], bool):
+        cells = (["stock model"] + [""] * (len(knobs) - 1)) if knobs else []
+        rows.append(cells + [f"{stock['accuracy']:.2f}%", str(config.num_hidden_layers), "100%", "100%", "1.00x", ""])
+    for point in shown:
+        speedup = point["measured_speedup"]
+        rows.append([
+            *(_fmt_number(point["setting"][knob]) if knob in point["setting"] else "" for knob in knobs),
+            f"{point['accuracy']:.2f}%",
+            f"{point['mean_exit_layer']:.2f}",
+            f"{100 * point['kept_token_fraction']:.0f}%",
+            f"{100 * point['flops_ratio']:.0f}%",
+            f"{speedup:.2f}x" if speedup is not None else "-",
+            "**default**" if is_default_point(config, point) else "",
+        ])
+    return rows, f" ({'; '.join(measured)})" if measured else "", note
 
 
 def render_model_card(
@@ -230,249 +279,63 @@ def render_model_card(
     base_model: str | None = None,
     has_tokenizer: bool = True,
 ) -> str:
-    """The text of a model card (README.md) with Hub YAML metadata for a Magic Pyramid `config`."""
-    from huggingface_hub import ModelCardData
+    """The text of a model card (README.md) with Hub YAML metadata for a Magic Pyramid `config` (`CARD_TEMPLATE`)."""
+    from huggingface_hub import ModelCard, ModelCardData
 
     base_model = base_model or hub_base_model(config)
     family = config.backbone_type
     slender = config.heads_per_layer is not None or config.ffn_per_layer is not None
-    tags = [*CARD_TAGS, family] + (["slenderized"] if slender else [])
-    metadata = ModelCardData(
-        base_model=base_model,
-        library_name="transformers",
-        pipeline_tag="text-classification",
-        license=license,
-        tags=tags,
-    ).to_yaml()
+    card_data = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-classification",
+                              license=license, tags=[*CARD_TAGS, family] + (["slenderized"] if slender else []))
     repo = repo_id or "<username>/<model-name>"
-    title = repo_id.split("/")[-1] if repo_id else f"Magic Pyramid {family} classifier"
-    backbone_name = f"`{base_model}`" if base_model else "a local checkpoint"
-    tokenizer_repo = repo if has_tokenizer or not base_model else base_model
-
-    lines = [
-        "---",
-        metadata.rstrip(),
-        "---",
-        "",
-        CARD_MARKER,
-        "",
-        f"# {title}",
-        "",
-        f"A **Magic Pyramid** text classifier made with [hf-magicpyramid](https://pypi.org/project/hf-magicpyramid/) from "
-        f"{backbone_name} ({family}). It computes less on easy and long inputs in two ways, both adjustable at run "
-        "time without retraining: **early exit** (a sample leaves at the first exit whose prediction is sure enough) and "
-        "**token pruning** (the tokens that matter least are removed, so later layers run on shorter sequences). The "
-        "backbone's own layers and classification head run unchanged; the final exit is the stock head.",
-        "",
-        "## Model",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| backbone | {family}, {backbone_name} |",
-        f"| size | {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.full_heads} heads, "
-        f"FFN {config.full_ffn}{_fmt_params(num_parameters)} |",
-        f"| labels | {', '.join(f'{i}: {label}' for i, label in sorted(config.id2label.items()))} |",
-        f"| problem type | {config.problem_type or 'single_label_classification'} |",
-        "",
-    ]
-    lines += _exit_section(config) + _pruning_section(config) + _width_section(config)
-    if calibration is not None:
-        lines += _calibration_section(config, calibration, plot)
-    lines += _usage_section(config, repo, tokenizer_repo)
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _exit_section(config: MagicPyramidConfig) -> list[str]:
-    exits = config.resolved_exit_layers()
-    criterion = {
-        "entropy": "the normalised entropy of the exit's prediction is below `exit_threshold`",
-        "confidence": "the exit's largest probability is above `exit_threshold`",
-        "patience": "the prediction is unchanged for `patience` exits in a row",
-    }[config.exit_criterion]
-    if config.exit_criterion == "patience":
-        speed = f"`patience = {config.patience}`" if config.patience is not None else None
+    patience = config.exit_criterion == "patience"
+    knob = "patience" if patience else "exit_threshold"
+    if getattr(config, knob) is None:
+        exit_speed = f"none set: every sample runs to the last layer until you set `{knob}` (see Usage)"
     else:
-        speed = f"`exit_threshold = {config.exit_threshold:g}`" if config.exit_threshold is not None else None
-    if speed is None:
-        knob = "patience" if config.exit_criterion == "patience" else "exit_threshold"
-        speed = f"none set: every sample runs to the last layer until you set `{knob}` (see Usage)"
-    return [
-        "## Early exit",
-        "",
-        f"- exits after layers {_fmt_list(exits)} (the last one is the backbone's classification head)",
-        f"- a sample exits when {criterion}",
-        f"- intermediate exits pool the {'first token' if config.exit_pooling == 'cls' else 'mean of the kept tokens'} "
-        f"(`exit_pooling = \"{config.exit_pooling}\"`); exits trained with the `{config.exit_objective}` objective",
-        f"- default speed: {speed}",
-        "",
-    ]
-
-
-def _pruning_section(config: MagicPyramidConfig) -> list[str]:
-    lines = ["## Token pruning", ""]
-    if config.token_pruning == "none":
-        return lines + ["Off: every layer runs on every token.", ""]
-    importance = {
-        "cls_attention": "the attention the first token pays to it",
-        "mean_attention": "the attention it receives, averaged over tokens and heads",
-    }[config.token_importance]
-    if config.token_pruning == "topk":
-        lines += [
-            f"- mode `topk`: before each layer, keep the share `keep_ratios[i] ** keep_ratio_scale` of each sample's tokens, "
-            f"ranked by {importance}",
-            f"- schedule `keep_ratios` (layer 1 to {config.num_hidden_layers}): {_fmt_list(config.resolved_keep_ratios())}",
-            f"- default speed: `keep_ratio_scale = {config.keep_ratio_scale:g}` (above 1 prunes harder, below 1 gentler)",
-        ]
+        exit_speed = f"`patience = {config.patience}`" if patience else f"`exit_threshold = {config.exit_threshold:g}`"
+    speed_example = ("patience=2" if patience else "exit_threshold=0.2") + {
+        "topk": ", keep_ratio_scale=1.5", "threshold": ", prune_threshold_offset=0.05"}.get(config.token_pruning, "")
+    table, measured, table_note = _calibration_table(config, calibration) if calibration is not None else ([], "", "")
+    if num_parameters:
+        parameters = f"; {num_parameters / 1e6:.1f}M parameters" if num_parameters >= 1e5 else f"; {num_parameters:,} parameters"
     else:
-        lines += [
-            f"- mode `threshold` (learned, LTP-style): before each layer, drop the tokens whose importance ({importance}) "
-            "is below that layer's threshold plus `prune_threshold_offset`",
-            f"- schedule `prune_thresholds` (layer 1 to {config.num_hidden_layers}): {_fmt_list(config.resolved_prune_thresholds())}",
-            f"- default speed: `prune_threshold_offset = {config.prune_threshold_offset:g}` (above 0 prunes harder)",
-        ]
-    return lines + [f"- a sample always keeps its first token and at least {config.min_kept_tokens} token(s)", ""]
-
-
-def _width_section(config: MagicPyramidConfig) -> list[str]:
-    lines = ["## Layer widths", ""]
-    if config.heads_per_layer is None and config.ffn_per_layer is None:
-        return lines + [f"Full width: {config.full_heads} attention heads and {config.full_ffn} FFN neurons in every layer.", ""]
-    lines += [
-        f"Slenderized (COST-EFF style): heads and FFN neurons kept per layer, out of {config.full_heads} and {config.full_ffn}.",
-        "",
-        "| layer | heads | FFN |",
-        "| --- | --- | --- |",
-    ]
-    for layer, (heads, ffn) in enumerate(zip(config.resolved_heads(), config.resolved_ffn()), start=1):
-        lines.append(f"| {layer} | {heads} | {ffn} |")
-    return lines + [""]
-
-
-def _is_default_point(config: MagicPyramidConfig, point: dict) -> bool:
-    current = {
-        "exit_threshold": config.exit_threshold,
-        "patience": config.patience,
-        "keep_ratio_scale": config.keep_ratio_scale,
-        "prune_threshold_offset": config.prune_threshold_offset,
-    }
-    for knob, value in point["setting"].items():
-        expected = current[knob]
-        if (value is None) != (expected is None):
-            return False
-        if value is not None and not math.isclose(float(value), float(expected), rel_tol=1e-6, abs_tol=1e-9):
-            return False
-    return True
-
-
-def _frontier(points: list[dict]) -> list[dict]:
-    """Points no other point beats: fewer FLOPs at accuracy at least as high, in order of FLOPs."""
-    kept, best = [], -math.inf
-    for point in sorted(points, key=lambda p: (p["flops_ratio"], -p["accuracy"])):
-        if point["accuracy"] > best:
-            kept.append(point)
-            best = point["accuracy"]
-    return kept
-
-
-def _calibration_section(config: MagicPyramidConfig, calibration: dict, plot: bool) -> list[str]:
-    points = calibration["points"]
-    shown = points
-    if len(points) > CARD_TABLE_ROWS:
-        shown = _frontier(points)
-        shown += [p for p in points if _is_default_point(config, p) and p not in shown]
-    knobs = [knob for knob in EXIT_KNOBS + PRUNING_KNOBS if any(knob in point["setting"] for point in shown)]
-    measured = []
-    for key, label in (("dataset", "on"), ("num_samples", "samples:"), ("batch_size", "batch size"), ("device", "device:")):
-        if calibration.get(key) not in (None, ""):
-            measured.append(f"{label} {calibration[key]}")
-    lines = [
-        "## Speed and accuracy",
-        "",
-        "Measured at each speed setting" + (f" ({'; '.join(measured)})" if measured else "") + ". FLOPs and kept tokens "
-        "are relative to the model without early exit and pruning; speedup is measured wall-clock time against the stock "
-        "model (where it was measured). The row marked **default** is the speed saved in this model's config.",
-        "",
-    ]
-    if shown is not points:
-        lines += [f"{len(points)} settings were measured; the table shows the {len(shown)} on the speed/accuracy frontier "
-                  f"(all are in `{CALIBRATION_FILE}`).", ""]
-    lines += [
-        "| " + " | ".join([*(f"`{k}`" for k in knobs), "accuracy", "mean exit layer", "kept tokens", "FLOPs", "speedup", ""]) + " |",
-        "| " + " | ".join(["---"] * (len(knobs) + 6)) + " |",
-    ]
-    stock = calibration.get("stock") or {}
-    if _number(stock.get("accuracy")):
-        cells = (["stock model"] + [""] * (len(knobs) - 1)) if knobs else []
-        cells += [f"{stock['accuracy']:.2f}%", str(config.num_hidden_layers), "100%", "100%", "1.00x", ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    for point in shown:
-        speedup = point["measured_speedup"]
-        cells = [_fmt_number(point["setting"][knob]) if knob in point["setting"] else "" for knob in knobs]
-        cells += [
-            f"{point['accuracy']:.2f}%",
-            f"{point['mean_exit_layer']:.2f}",
-            f"{100 * point['kept_token_fraction']:.0f}%",
-            f"{100 * point['flops_ratio']:.0f}%",
-            f"{speedup:.2f}x" if speedup is not None else "-",
-            "**default**" if _is_default_point(config, point) else "",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    if plot:
-        lines += [f"![Accuracy against speed at each setting]({CALIBRATION_PLOT})", ""]
-    return lines
-
-
-def _usage_section(config: MagicPyramidConfig, repo: str, tokenizer_repo: str) -> list[str]:
-    knob = "patience=2" if config.exit_criterion == "patience" else "exit_threshold=0.2"
-    if config.token_pruning == "topk":
-        knob += ", keep_ratio_scale=1.5"
-    elif config.token_pruning == "threshold":
-        knob += ", prune_threshold_offset=0.05"
-    return [
-        "## Usage",
-        "",
-        "With the plugin installed (`pip install hf-magicpyramid`), no code from this repository runs:",
-        "",
-        "```python",
-        "import hf_magicpyramid  # registers the magic_pyramid model type with the Auto classes",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-        "",
-        f'model = AutoModelForSequenceClassification.from_pretrained("{repo}").eval()',
-        f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_repo}")',
-        'inputs = tokenizer(["a gripping, beautifully shot film", "dull"], padding=True, return_tensors="pt")',
-        "outputs = model(**inputs)",
-        "outputs.logits, outputs.exit_layer  # each sample's logits at its exit, and the 1-based layer it exited after",
-        "",
-        "from transformers import pipeline",
-        "",
-        f'classifier = pipeline("text-classification", model="{repo}")',
-        "```",
-        "",
-        "Without the plugin, load the custom code saved in this repository (pin the revision you reviewed):",
-        "",
-        "```python",
-        "from transformers import AutoModelForSequenceClassification",
-        "",
-        f'model = AutoModelForSequenceClassification.from_pretrained("{repo}", trust_remote_code=True, revision="<commit sha>")',
-        "```",
-        "",
-        "Change the speed without retraining, for the model (saved with it) or for one call:",
-        "",
-        "```python",
-        f"model.set_speed({knob})",
-        "outputs = model(**inputs, exit_threshold=0.1)" if config.exit_criterion != "patience" else "outputs = model(**inputs, patience=3)",
-        "```",
-        "",
-        "### Remote code and security",
-        "",
-        "`trust_remote_code=True` runs the Python files of this repository (`configuration_magic_pyramid.py`, "
-        "`modeling_magic_pyramid.py` and the modules they import) on your machine with your permissions. Read them "
-        "before you load the model, and pin `revision=` to the commit you read, so that a later push cannot change the "
-        "code you run. Loading with the plugin installed runs only the installed package's code, and the weights are "
-        "safetensors (no pickle).",
-        "",
-    ]
+        parameters = ""
+    card = ModelCard.from_template(
+        card_data,
+        template_str=CARD_TEMPLATE,
+        c=config,
+        marker=CARD_MARKER,
+        title=repo_id.split("/")[-1] if repo_id else f"Magic Pyramid {family} classifier",
+        backbone=f"`{base_model}`" if base_model else "a local checkpoint",
+        family=family,
+        parameters=parameters,
+        labels=", ".join(f"{i}: {label}" for i, label in sorted(config.id2label.items())),
+        exit_layers=_fmt_list(config.resolved_exit_layers()),
+        criterion={
+            "entropy": "the normalised entropy of the exit's prediction is below `exit_threshold`",
+            "confidence": "the exit's largest probability is above `exit_threshold`",
+            "patience": "the prediction is unchanged for `patience` exits in a row",
+        }[config.exit_criterion],
+        exit_speed=exit_speed,
+        importance={
+            "cls_attention": "the attention the first token pays to it",
+            "mean_attention": "the attention it receives, averaged over tokens and heads",
+        }[config.token_importance],
+        schedule=_fmt_list(config.resolved_keep_ratios() if config.token_pruning == "topk" else
+                           config.resolved_prune_thresholds() if config.token_pruning == "threshold" else []),
+        widths=list(zip(config.resolved_heads(), config.resolved_ffn())) if slender else [],
+        table=table,
+        measured=measured,
+        table_note=table_note,
+        plot=CALIBRATION_PNG if plot and table else "",
+        repo=repo,
+        tokenizer_repo=repo if has_tokenizer or not base_model else base_model,
+        speed_example=speed_example,
+        call_example="patience=3" if patience else "exit_threshold=0.1",
+        code_files=", ".join(f"`{name}`" for name in REMOTE_CODE_FILES),
+    )
+    return str(card).rstrip() + "\n"
 
 
 def _config_of(model_or_dir) -> tuple[MagicPyramidConfig, Path | None, int | None]:
@@ -483,12 +346,14 @@ def _config_of(model_or_dir) -> tuple[MagicPyramidConfig, Path | None, int | Non
     if isinstance(model_or_dir, MagicPyramidConfig):
         return model_or_dir, None, None
     folder = Path(model_or_dir)
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"No config.json in {folder}: pass a Magic Pyramid model, its config, or a saved model folder.")
-    model_type = _read_config_json(folder).get("model_type")
-    if model_type != MagicPyramidConfig.model_type:
-        raise ValueError(_not_pyramid_message(folder, model_type))
-    return MagicPyramidConfig.from_pretrained(folder), folder, _count_parameters(folder)
+    _pyramid_config_json(folder)
+    try:
+        num_parameters = _count_parameters(folder, _weight_files(folder))
+    except (ValueError, OSError):
+        num_parameters = None
+    return MagicPyramidConfig.from_pretrained(folder), folder, num_parameters
 
 
 def write_model_card(
@@ -512,221 +377,266 @@ def write_model_card(
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     card_path = save_directory / MODEL_CARD
-    if card_path.is_file() and not overwrite and CARD_MARKER not in card_path.read_text(encoding="utf-8", errors="replace"):
+    if card_path.is_file() and not overwrite and not _written_by_us(card_path):
         raise FileExistsError(f"{card_path} exists and was not written by hf-magicpyramid; pass overwrite=True to replace it.")
 
     plot_source = None
     if calibration is None:
         for candidate in [folder, save_directory]:
-            if candidate is not None and (candidate / CALIBRATION_FILE).is_file():
+            if candidate is not None and (candidate / CALIBRATION_JSON).is_file():
                 calibration = load_calibration(candidate)
-                plot_source = candidate / CALIBRATION_PLOT
+                plot_source = candidate / CALIBRATION_PNG
                 break
     elif isinstance(calibration, (str, os.PathLike)):
-        plot_source = Path(calibration).parent / CALIBRATION_PLOT if Path(calibration).is_file() else Path(calibration) / CALIBRATION_PLOT
-        source = calibration
-        calibration = load_calibration(calibration)
+        source = Path(calibration)
+        plot_source = (source.parent if source.is_file() else source) / CALIBRATION_PNG
+        calibration = load_calibration(source)
         if calibration is None:
             raise FileNotFoundError(f"No calibration result at {source}.")
     else:
         calibration = validate_calibration(calibration)
-    plot = (save_directory / CALIBRATION_PLOT).is_file()
+    plot = (save_directory / CALIBRATION_PNG).is_file()
     if not plot and plot_source is not None and plot_source.is_file():
-        shutil.copyfile(plot_source, save_directory / CALIBRATION_PLOT)
+        shutil.copyfile(plot_source, save_directory / CALIBRATION_PNG)
         plot = True
 
-    text = render_model_card(
-        config,
-        repo_id=repo_id,
-        calibration=calibration,
-        plot=plot and calibration is not None,
-        num_parameters=num_parameters,
-        license=license,
-        base_model=base_model,
-        has_tokenizer=_has_tokenizer(folder or save_directory),
-    )
+    text = render_model_card(config, repo_id=repo_id, calibration=calibration, plot=plot and calibration is not None,
+                             num_parameters=num_parameters, license=license, base_model=base_model,
+                             has_tokenizer=_has_tokenizer(folder or save_directory))
     card_path.write_text(text, encoding="utf-8")
     return card_path
 
 
+def _written_by_us(card_path: Path) -> bool:
+    return CARD_MARKER in card_path.read_text(encoding="utf-8", errors="replace")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Checking a saved folder
+# What a push uploads
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _read_config_json(folder: Path) -> dict:
+def _read_json(path: Path):
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{folder / 'config.json'} is not valid JSON: {error}") from error
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
-def _not_pyramid_message(folder: Path, model_type) -> str:
-    return (
-        f"{folder / 'config.json'} has model_type {model_type!r}, not {MagicPyramidConfig.model_type!r}: this is not a "
-        "Magic Pyramid model. Convert a stock checkpoint with MagicPyramidForSequenceClassification.from_backbone(...) "
-        "and save_pretrained() it first (a stock model pushes with its own push_to_hub)."
-    )
+def _pyramid_config_json(folder: Path) -> dict:
+    """config.json of `folder` as saved; raises `ValueError` when it is not a Magic Pyramid config."""
+    config = _read_json(folder / CONFIG_FILE)
+    if not isinstance(config, dict) or config.get("model_type") != MagicPyramidConfig.model_type:
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(
+            f"{folder / CONFIG_FILE} has model_type {model_type!r}, not {MagicPyramidConfig.model_type!r}: this is not "
+            "a Magic Pyramid model. Convert a stock checkpoint with MagicPyramidForSequenceClassification.from_backbone(...) "
+            "and save_pretrained() it first (a stock model pushes with its own push_to_hub)."
+        )
+    return config
 
 
 def _has_tokenizer(folder: Path) -> bool:
     return (folder / TOKENIZER_CONFIG).is_file() and any((folder / name).is_file() for name in TOKENIZER_VOCABULARIES)
 
 
-def _safetensors_parameters(path: Path) -> int:
-    """Parameters in a safetensors file, read from its header only (8-byte length, then JSON)."""
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (shorter than its header).")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100_000_000:  # a real header is kilobytes to a few megabytes
-            raise ValueError(f"{path} is not a readable safetensors file (header length {length}).")
-        try:
-            header = json.loads(handle.read(length))
-        except (ValueError, MemoryError, OverflowError) as error:
-            raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
-    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
-
-
 def _weight_files(folder: Path) -> list[str]:
+    """The safetensors files to upload: model.safetensors, or the index and the shards it lists."""
     if (folder / WEIGHTS_FILE).is_file():
         return [WEIGHTS_FILE]
     if (folder / WEIGHTS_INDEX).is_file():
-        index = json.loads((folder / WEIGHTS_INDEX).read_text(encoding="utf-8"))
-        shards = sorted(set(index.get("weight_map", {}).values()))
+        index = _read_json(folder / WEIGHTS_INDEX)
+        shards = sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing or not shards:
             raise ValueError(f"{folder / WEIGHTS_INDEX} lists weight shards that are missing: {missing or 'none listed'}.")
-        return shards
-    found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        return [WEIGHTS_INDEX, *shards]
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     hint = f" (found {', '.join(found)}: pickled weights are not pushed; re-save with save_pretrained, which writes safetensors)" if found else ""
     raise ValueError(f"No {WEIGHTS_FILE} (or {WEIGHTS_INDEX}) in {folder}{hint}.")
 
 
-def _count_parameters(folder: Path) -> int | None:
-    try:
-        return sum(_safetensors_parameters(folder / name) for name in _weight_files(folder))
-    except (ValueError, OSError, KeyError, TypeError):
-        return None
+def _count_parameters(folder: Path, weights: list[str]) -> int:
+    """Parameters in the safetensors files, from their headers (`safetensors.safe_open` reads no tensor data)."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in weights:
+        if name == WEIGHTS_INDEX:
+            continue
+        try:
+            with safe_open(folder / name, framework="pt") as handle:
+                total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+        except Exception as error:  # safetensors raises its own SafetensorsError, or OSError
+            raise ValueError(f"{folder / name} is not a readable safetensors file ({error}); re-save the model with "
+                             "save_pretrained().") from error
+    return total
 
 
-def _ignored(relative: str, patterns) -> bool:
-    parts = relative.split("/")
-    return any(fnmatch.fnmatch(part, pattern) for part in parts for pattern in patterns) or any(
-        fnmatch.fnmatch(relative, pattern) for pattern in patterns
+def _code_files(folder: Path, auto_map: dict) -> dict[str, Path | bytes]:
+    """The custom code the auto_map needs, with its relative imports: the folder's own files, or the installed
+    package's copy (as save_pretrained writes it) of a `REMOTE_CODE_FILES` file the folder lacks."""
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    package = Path(__file__).parent
+    modules = [ref.rsplit(".", 1)[0] for target in auto_map.values()
+               for ref in (target if isinstance(target, (list, tuple)) else [target])
+               if ref and "--" not in ref]  # "user/repo--module.Class": code kept in another repository
+    files: dict[str, Path | bytes] = {}
+    while modules:
+        name = f"{modules.pop()}.py"
+        if name in files:
+            continue
+        path = folder / name
+        if path.is_file():
+            files[name] = path
+        elif name in REMOTE_CODE_FILES:
+            path = package / name
+            files[name] = path.read_bytes()
+        else:
+            raise ValueError(f"{folder} lacks the custom code file {name} that loading with trust_remote_code=True needs, "
+                             "and the installed hf_magicpyramid has no such module. Re-save the model with save_pretrained().")
+        modules += get_relative_imports(path)
+    return files
+
+
+def _included(folder: Path, patterns) -> dict[str, Path]:
+    """The files matched by `include=` patterns (relative paths with * ? [], or a folder); hidden files never."""
+    patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns or ())
+    if not patterns:
+        return {}
+    candidates = sorted(
+        relative for relative in (path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+        if not any(part.startswith(".") for part in relative.split("/"))
     )
+    found: dict[str, Path] = {}
+    for pattern in map(str, patterns):
+        prefix = pattern.strip("/") + "/"
+        matched = [f for f in candidates if fnmatch.fnmatchcase(f, pattern) or f.startswith(prefix)]
+        if not matched:
+            raise ValueError(f"include pattern {pattern!r} matches no file in {folder}; patterns are paths relative to "
+                             "the folder, with * and ?, e.g. 'LICENSE' or 'examples/*'.")
+        pickled = [f for f in matched if f.lower().endswith(PICKLE_SUFFIXES)]
+        if pickled:
+            raise ValueError(f"include pattern {pattern!r} matches pickled files ({', '.join(pickled[:5])}"
+                             f"{', ...' if len(pickled) > 5 else ''}): loading a pickle runs code, so they are never "
+                             "pushed. Narrow the pattern; weights go to the Hub as safetensors (save_pretrained).")
+        found.update((f, folder / f) for f in matched)
+    return found
 
 
-def _auto_map_modules(auto_map: dict) -> list[str]:
-    """Module names (files without .py) that the auto_map points to in this repository."""
-    modules = []
-    for target in auto_map.values():
-        for reference in target if isinstance(target, (list, tuple)) else [target]:
-            if not reference or "--" in reference:  # code kept in another repository ("user/repo--module.Class")
-                continue
-            module = reference.rsplit(".", 1)[0]
-            if module not in modules:
-                modules.append(module)
-    return modules
+_ABSOLUTE_PATH = re.compile(r"^(?:/|~[/\\]|[A-Za-z]:[/\\]|\\\\)[^\n]*$")
+
+
+def _local_roots(folder: Path) -> list[str]:
+    """Folders whose paths must not leave the machine, longest first: the model folder and its parent, the working
+    folder, the home folder; only ones at least two levels deep, so that a short root ("/app") never matches a word."""
+    model_folders = (folder.absolute(), folder.resolve())
+    roots = {str(path) for path in (*model_folders, *(path.parent for path in model_folders), Path.cwd(), Path.home())}
+    return sorted((root for root in roots if len(Path(root).parts) >= 3), key=len, reverse=True)
+
+
+def _path_name(path: str) -> str:
+    return (PureWindowsPath(path) if "\\" in path else PurePosixPath(path)).name
+
+
+def scrub_local_paths(value, roots: list[str], key: str | None = None):
+    """`value` (parsed JSON) without local paths: a `_name_or_path` that is not a Hub id becomes "", an absolute path
+    becomes its last part, and a local folder named inside a text becomes the last part of the path."""
+    if isinstance(value, dict):
+        return {k: scrub_local_paths(v, roots, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_local_paths(v, roots) for v in value]
+    if not isinstance(value, str):
+        return value
+    if key in NAME_OR_PATH_KEYS:
+        return value if not value or _hub_id(value) else ""
+    if _ABSOLUTE_PATH.match(value) and len(re.split(r"[/\\]+", value.strip("/\\"))) >= 2:
+        return _path_name(value)
+    for root in roots:
+        if root in value:
+            value = re.sub(re.escape(root) + r"[^\s\"'<>|,;]*", lambda match: _path_name(match.group()), value)
+    return value
 
 
 @dataclasses.dataclass
-class FolderCheck:
-    """What `push_to_hub` will upload from a model folder, and what it has to add."""
+class PushPlan:
+    """What `push_to_hub` uploads from a model folder. `files`: path in the repo → the user's file (uploaded by path)
+    or generated bytes; `card`: `render_model_card` arguments when the card is generated (at push, with the repo id)."""
 
     folder: Path
-    config: dict  # config.json as saved
-    pyramid_config: MagicPyramidConfig
-    files: list[str]  # the user's files to upload (relative, POSIX)
-    code_files: dict[str, Path]  # code files the folder lacks → where the installed package's copy is
-    config_needs_auto_map: bool
-    has_card: bool
-    has_tokenizer: bool
-    calibration: dict | None
-    num_parameters: int | None
+    config: MagicPyramidConfig
+    files: dict[str, Path | bytes]
+    card: dict | None
+
+    def contents(self, repo_id: str | None = None) -> dict[str, Path | bytes]:
+        """Every file of the upload, the model card included."""
+        files = dict(self.files)
+        if self.card is not None:
+            files[MODEL_CARD] = render_model_card(self.config, repo_id=repo_id, **self.card).encode("utf-8")
+        return dict(sorted(files.items()))
+
+    def operations(self, repo_id: str | None = None) -> list:
+        from huggingface_hub import CommitOperationAdd
+
+        return [CommitOperationAdd(path_in_repo=name, path_or_fileobj=source if isinstance(source, bytes) else str(source))
+                for name, source in self.contents(repo_id).items()]
 
 
-def check_model_folder(model_dir, require_tokenizer: bool = True, ignore_patterns=DEFAULT_IGNORE, _code_source=None) -> FolderCheck:
-    """Check that `model_dir` is a saved Magic Pyramid model ready to push; raise `ValueError` / `FileNotFoundError`
-    saying what is wrong and how to fix it. Reads only small files (config, safetensors headers)."""
-    from transformers.dynamic_module_utils import get_relative_imports
-
+def check_model_folder(model_dir, *, include=(), require_tokenizer: bool = True, license: str = DEFAULT_LICENSE,
+                       base_model: str | None = None) -> PushPlan:
+    """Check that `model_dir` is a saved Magic Pyramid model ready to push and list what to upload (module docstring);
+    raise `ValueError` / `FileNotFoundError` saying what is wrong and how to fix it. Reads small files only (JSON,
+    safetensors headers); writes nothing."""
     folder = Path(model_dir).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"Model folder {folder} does not exist (save the model with save_pretrained first).")
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"No config.json in {folder}: this is not a saved model folder.")
-    config = _read_config_json(folder)
-    if config.get("model_type") != MagicPyramidConfig.model_type:
-        raise ValueError(_not_pyramid_message(folder, config.get("model_type")))
+    raw_config = _pyramid_config_json(folder)
     try:
-        pyramid_config = MagicPyramidConfig.from_pretrained(folder)
+        config = MagicPyramidConfig.from_pretrained(folder)
     except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"{folder / 'config.json'} is not a valid Magic Pyramid config: {error}") from error
+        raise ValueError(f"{folder / CONFIG_FILE} is not a valid Magic Pyramid config: {error}") from error
     weights = _weight_files(folder)
-    num_parameters = sum(_safetensors_parameters(folder / name) for name in weights)
+    num_parameters = _count_parameters(folder, weights)
     has_tokenizer = _has_tokenizer(folder)
     if require_tokenizer and not has_tokenizer:
         raise ValueError(
             f"No tokenizer in {folder} (it needs {TOKENIZER_CONFIG} and one of {', '.join(TOKENIZER_VOCABULARIES)}). "
             "Save it beside the model with tokenizer.save_pretrained(model_dir) so that the model can be used from the "
-            "Hub, or push without it (require_tokenizer=False, or --allow-missing-tokenizer)."
+            "Hub, or push without it (require_tokenizer=False)."
         )
-    calibration = load_calibration(folder)
+    load_calibration(folder)  # a broken calibration.json fails here, before any request
 
-    files = sorted(
-        path.relative_to(folder).as_posix()
-        for path in folder.rglob("*")
-        if path.is_file() and not _ignored(path.relative_to(folder).as_posix(), ignore_patterns)
-    )
-    auto_map = config.get("auto_map") or {}
-    needs_auto_map = not all(key in auto_map for key in AUTO_MAP)
-    modules = _auto_map_modules({**AUTO_MAP, **auto_map})
-    code_source = Path(_code_source) if _code_source is not None else None
-    code_files: dict[str, Path] = {}
-    seen: set[str] = set()
-    while modules:
-        module = modules.pop(0)
-        if module in seen:
+    files: dict[str, Path | bytes] = {name: folder / name for name in (*MODEL_FILES, *weights) if (folder / name).is_file()}
+    auto_map = {**AUTO_MAP, **(raw_config.get("auto_map") or {})}
+    files.update(_code_files(folder, auto_map))
+    files.update((name, path) for name, path in _included(folder, include).items() if name not in files)
+    card_path = folder / MODEL_CARD
+    if card_path.is_file() and not _written_by_us(card_path):
+        files[MODEL_CARD] = card_path  # a card a person wrote goes as it is
+
+    roots = _local_roots(folder)
+    for name, source in files.items():
+        if not name.endswith(".json") or isinstance(source, bytes) or Path(name).name in UNSCRUBBED_JSON:
             continue
-        seen.add(module)
-        name = f"{module}.py"
-        if (folder / name).is_file():
-            path = folder / name
-        else:
-            path = code_source / name if code_source is not None else None
-            if path is None or not path.is_file():
-                raise ValueError(
-                    f"{folder} lacks the custom code file {name} that loading with trust_remote_code=True needs, and the "
-                    "installed hf_magicpyramid has no such module. Re-save the model with save_pretrained()."
-                )
-            code_files[name] = path
-        modules += [m for m in get_relative_imports(path) if m not in seen]
-    return FolderCheck(
-        folder=folder,
-        config=config,
-        pyramid_config=pyramid_config,
-        files=files,
-        code_files=code_files,
-        config_needs_auto_map=needs_auto_map,
-        has_card=(folder / MODEL_CARD).is_file(),
-        has_tokenizer=has_tokenizer,
-        calibration=calibration,
-        num_parameters=num_parameters,
-    )
+        data = _read_json(source)
+        clean = scrub_local_paths(data, roots)
+        if name == CONFIG_FILE:
+            clean["auto_map"] = auto_map
+        if clean != data:
+            files[name] = (json.dumps(clean, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
-
-def _save_package_code(directory: Path) -> Path:
-    """Write the custom code files as `save_pretrained` does (transformers' `custom_object_save` on the registered
-    classes) into `directory`; return it."""
-    from transformers.dynamic_module_utils import custom_object_save
-
-    from .modeling_magic_pyramid import MagicPyramidForSequenceClassification, MagicPyramidModel
-
-    for cls in (MagicPyramidConfig, MagicPyramidModel, MagicPyramidForSequenceClassification):
-        custom_object_save(cls, directory)
-    return directory
+    card = None
+    if MODEL_CARD not in files:
+        calibration = files.get(CALIBRATION_JSON)
+        if calibration is not None:
+            data = json.loads(calibration) if isinstance(calibration, bytes) else _read_json(calibration)
+            calibration = validate_calibration(data, source=str(folder / CALIBRATION_JSON))
+        card = dict(calibration=calibration, plot=CALIBRATION_PNG in files, num_parameters=num_parameters,
+                    license=license, base_model=base_model, has_tokenizer=has_tokenizer)
+    return PushPlan(folder=folder, config=config, files=files, card=card)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -792,6 +702,9 @@ def _translate_hub_error(error: BaseException, endpoint: str, repo_id: str, toke
             )
         if status == 400 and step.startswith("create the repo"):
             return ValueError(f"The Hub at {endpoint} refused the repo id {repo_id!r}: {server_message}. {kept}")
+        if status == 409 and step.startswith("create the repo"):
+            return HubPushError(f"The repo {repo_id!r} already exists at {endpoint}; pass exist_ok=True to push a new "
+                                f"commit to it, or choose another repo id. {kept}")
         if status >= 500:
             return HubConnectionError(
                 f"The Hub at {endpoint} failed (HTTP {status}) when trying to {step}: {server_message}. Push again later. {kept}"
@@ -800,155 +713,61 @@ def _translate_hub_error(error: BaseException, endpoint: str, repo_id: str, toke
     return None
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Put `source` at `target` without copying data when possible (symlink, then hard link, then copy)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for link in (os.symlink, os.link):
-        try:
-            link(source, target)
-            return
-        except (OSError, NotImplementedError):
-            continue
-    shutil.copy2(source, target)
-
-
-def stage_model_folder(check: FolderCheck, staging, repo_id: str | None = None, license: str = DEFAULT_LICENSE,
-                       base_model: str | None = None) -> list[str]:
-    """Fill the empty folder `staging` with what to upload: links to the user's files plus generated files (model card,
-    missing code files, config.json with an auto_map). Nothing is written into `check.folder`. Returns the names of the
-    generated files."""
-    staging = Path(staging)
-    generated: dict[str, bytes] = {}
-    if check.config_needs_auto_map:
-        config = dict(check.config)
-        config["auto_map"] = {**AUTO_MAP, **(config.get("auto_map") or {})}
-        generated["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
-    for name, source in check.code_files.items():
-        generated[name] = source.read_bytes()
-    for relative in check.files:
-        if relative not in generated:
-            _link_or_copy((check.folder / relative).resolve(), staging / relative)
-    for name, data in generated.items():
-        (staging / name).write_bytes(data)
-    if not check.has_card:
-        write_model_card(check.folder, staging, repo_id=repo_id, license=license, base_model=base_model)
-        generated[MODEL_CARD] = b""
-    return sorted(generated)
-
-
 def push_to_hub(
     model_dir,
     repo_id: str,
+    *,
     token: str | None = None,
-    private: bool = False,
+    private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
     create_pr: bool = False,
-    *,
+    include=(),
     license: str = DEFAULT_LICENSE,
+    exist_ok: bool = True,
     base_model: str | None = None,
     require_tokenizer: bool = True,
-    ignore_patterns=DEFAULT_IGNORE,
 ):
-    """Upload a saved Magic Pyramid model folder to the Hub; return the `huggingface_hub.CommitInfo` (`.oid` is the
-    commit sha, `.commit_url` its page, `.pr_url` the pull request with `create_pr=True`).
+    """Upload the model in a saved Magic Pyramid folder to the Hub in one commit; return the `huggingface_hub.CommitInfo`
+    (a str: the commit URL; `.oid` is the commit sha, `.pr_url` the pull request with `create_pr=True`).
 
     Checked before any request: the repo id; that `model_dir` holds config.json with model_type "magic_pyramid",
-    safetensors weights, the custom code files its `auto_map` needs (taken from the installed package when missing,
-    as save_pretrained writes them) and a tokenizer (unless `require_tokenizer=False`). A README.md in the folder is
-    uploaded as it is; without one a model card is generated (`write_model_card`, with `license` and `base_model`).
-    Files matching `ignore_patterns` (hidden files, Trainer checkpoints, ...) stay local. The folder is never written
-    to: generated files go to a temporary staging folder that links to the user's files.
+    readable safetensors weights, the custom code files its `auto_map` needs (taken from the installed package when
+    missing, as save_pretrained writes them) and a tokenizer (unless `require_tokenizer=False`). Uploaded: the allowlist
+    of the module docstring, plus the files matched by `include` (patterns relative to the folder, e.g. ["LICENSE",
+    "eval/*.json"]; pickled files are refused). A README.md a person wrote is uploaded as it is; otherwise a model card
+    is generated (`render_model_card`, with `license` and `base_model`). Local absolute paths are removed from the
+    uploaded JSON files. The folder is never written to.
 
-    `token`: a Hub token with write access (default: HF_TOKEN or the `hf auth login` token). `revision`: a branch,
-    created from main if missing. Raises `ValueError` (bad repo id or folder), `HubAuthenticationError`,
+    `token`: a Hub token with write access (default: HF_TOKEN or the `hf auth login` token). `private`: visibility of
+    a new repo (None: the Hub's default). `revision`: a branch, created from main if missing. `exist_ok=False` refuses
+    an existing repo. Raises `ValueError` (bad repo id, folder or pattern), `HubAuthenticationError`,
     `HubConnectionError` or `HubPushError`, each saying what to do.
     """
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
-    with tempfile.TemporaryDirectory(prefix="hf-magicpyramid-code-") as code_dir:
-        check = check_model_folder(model_dir, require_tokenizer, ignore_patterns, _code_source=_save_package_code(Path(code_dir)))
-        api = HfApi(token=token)
-        endpoint = api.endpoint
-        step = f"create the repo {repo_id!r}"
-        try:
-            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-            full_id = repo_url.repo_id
-            if revision is not None and not revision.startswith("refs/pr/"):
-                step = f"create the branch {revision!r} of {full_id!r}"
-                api.create_branch(full_id, branch=revision, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="hf-magicpyramid-push-") as staging:
-                stage_model_folder(check, staging, repo_id=full_id, license=license, base_model=base_model)
-                if commit_message is None:
-                    config = check.pyramid_config
-                    commit_message = (
-                        f"Upload Magic Pyramid model ({config.backbone_type}, {config.num_hidden_layers} layers) "
-                        "with hf-magicpyramid"
-                    )
-                step = f"upload {Path(model_dir)} to {full_id!r}"
-                return api.upload_folder(
-                    folder_path=staging,
-                    repo_id=full_id,
-                    repo_type="model",
-                    revision=revision,
-                    commit_message=commit_message,
-                    create_pr=create_pr,
-                )
-        except Exception as error:
-            clear = _translate_hub_error(error, endpoint, repo_id, token, step)
-            if clear is None:
-                raise
-            raise clear from error
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line: `hf-magicpyramid push`
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def add_push_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the `push` command to an argparse subparsers object; it runs `run_push`."""
-    parser = subparsers.add_parser(
-        "push",
-        help="upload a saved Magic Pyramid model folder to the Hugging Face Hub",
-        description="Upload a saved Magic Pyramid model folder (config, safetensors weights, custom code, tokenizer, "
-        "model card) to the Hugging Face Hub. The folder is never modified; a model card is generated when it has no "
-        "README.md.",
-    )
-    parser.add_argument("--model", required=True, metavar="DIR", help="the saved model folder (save_pretrained output)")
-    parser.add_argument("--repo-id", required=True, metavar="ID", help="the Hub repo, 'name' or 'namespace/name'")
-    parser.add_argument("--token", default=None, help="a Hub token with write access (default: HF_TOKEN or `hf auth login`)")
-    parser.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
-    parser.add_argument("--revision", default=None, metavar="BRANCH", help="push to this branch (created if missing)")
-    parser.add_argument("--commit-message", default=None, metavar="MESSAGE", help="the commit message")
-    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
-    parser.add_argument("--license", default=DEFAULT_LICENSE, help=f"license in a generated model card (default {DEFAULT_LICENSE})")
-    parser.add_argument("--allow-missing-tokenizer", action="store_true", help="push even when the folder has no tokenizer")
-    parser.set_defaults(func=run_push)
-    return parser
-
-
-def run_push(args: argparse.Namespace) -> int:
-    """Run `hf-magicpyramid push` from parsed arguments; print the commit URL. Returns the exit code (0 ok, 1 error)."""
+    plan = check_model_folder(model_dir, include=include, require_tokenizer=require_tokenizer, license=license,
+                              base_model=base_model)
+    api = HfApi(token=token)
+    endpoint = api.endpoint
+    step = f"create the repo {repo_id!r}"
     try:
-        commit = push_to_hub(
-            args.model,
-            args.repo_id,
-            token=getattr(args, "token", None),
-            private=getattr(args, "private", False),
-            revision=getattr(args, "revision", None),
-            commit_message=getattr(args, "commit_message", None),
-            create_pr=getattr(args, "create_pr", False),
-            license=getattr(args, "license", DEFAULT_LICENSE),
-            require_tokenizer=not getattr(args, "allow_missing_tokenizer", False),
-        )
-    except (ValueError, OSError, HubPushError) as error:
-        print(f"hf-magicpyramid push: error: {error}", file=sys.stderr)
-        return 1
-    url = commit.pr_url or commit.commit_url
-    print(f"Pushed {args.model} to {url} (commit {commit.oid})")
-    return 0
+        full_id = api.create_repo(repo_id, private=private, exist_ok=exist_ok, repo_type="model").repo_id
+        if revision is not None and not revision.startswith("refs/pr/"):
+            step = f"create the branch {revision!r} of {full_id!r}"
+            api.create_branch(full_id, branch=revision, exist_ok=True)
+        if commit_message is None:
+            commit_message = (f"Upload Magic Pyramid model ({plan.config.backbone_type}, "
+                              f"{plan.config.num_hidden_layers} layers) with hf-magicpyramid")
+        step = f"upload {plan.folder} to {full_id!r}"
+        return api.create_commit(full_id, plan.operations(full_id), commit_message=commit_message, repo_type="model",
+                                 revision=revision, create_pr=create_pr)
+    except Exception as error:
+        clear = _translate_hub_error(error, endpoint, repo_id, token, step)
+        if clear is None:
+            raise
+        raise clear from error
 
 
 __all__ = [
@@ -957,11 +776,8 @@ __all__ = [
     "render_model_card",
     "check_model_folder",
     "check_repo_id",
-    "save_calibration",
-    "load_calibration",
-    "validate_calibration",
-    "add_push_parser",
-    "run_push",
+    "scrub_local_paths",
+    "PushPlan",
     "HubPushError",
     "HubAuthenticationError",
     "HubConnectionError",

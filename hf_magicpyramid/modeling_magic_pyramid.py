@@ -42,6 +42,9 @@ AUTO_MAP = {
     "AutoModel": "modeling_magic_pyramid.MagicPyramidModel",
     "AutoModelForSequenceClassification": "modeling_magic_pyramid.MagicPyramidForSequenceClassification",
 }
+# The custom code that travels with a saved model (save_pretrained copies this file and its relative imports, transitively,
+# even indented ones): only files the model needs at load time, never presets or CLI code. tests/test_hub.py checks it.
+REMOTE_CODE_FILES = ("configuration_magic_pyramid.py", "modeling_magic_pyramid.py", "adapters.py", "exits.py", "flops.py", "pruning.py")
 
 
 @dataclass
