@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Literal
 
 from .configuration_magic_pyramid import (
@@ -33,8 +33,9 @@ DEFAULT_MAX_LENGTH = 128
 CONFIG_FIELDS = tuple(name for name in MagicPyramidConfig.__annotations__ if name != "backbone_config")
 
 
-def _arg(default=None, help: str = "", aliases: tuple[str, ...] = (), **kwargs):
-    """A dataclass field for `HfArgumentParser`: its help text, and aliases given in both spellings."""
+def _arg(default=MISSING, help: str = "", aliases: tuple[str, ...] = (), **kwargs):
+    """A dataclass field for `HfArgumentParser`: its help text, and aliases given in both spellings. Without a default
+    (or `default_factory`) the flag is required."""
     spellings: list[str] = []
     for alias in aliases:
         for spelling in (f"--{alias}", f"--{alias.replace('_', '-')}"):
