@@ -34,9 +34,12 @@ PROG = "hf-magicpyramid"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each flag's default (unless its help already says what the default is) and keeps the examples' lines."""
+    """Shows each flag's default (unless its help already says what the default is, or the flag is required) and keeps
+    the examples' lines."""
 
     def _get_help_string(self, action):
+        if action.required:
+            return f"{action.help} (required)"
         if "Default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)

@@ -60,8 +60,11 @@ def test_help_lists_every_field_with_aliases_and_default(command, capsys, monkey
                 assert f"{flag} " in text or f"{flag}," in text, (command, flag)
             help_line = " ".join(field.metadata["help"].replace("%%", "%").split())
             assert help_line in text, (command, field.name)
-            if "Default:" not in help_line and field.default is not dataclasses.MISSING:
-                assert f"{help_line} (default: {field.default})" in text, (command, field.name)
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                assert f"{help_line} (required)" in text, (command, field.name)
+            elif "Default:" not in help_line:
+                default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+                assert f"{help_line} (default: {default})" in text, (command, field.name)
     assert f"hf-magicpyramid {command} --" in text.split("examples:", 1)[1]  # the epilog's examples
 
 
