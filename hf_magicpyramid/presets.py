@@ -3,42 +3,48 @@
 A preset names a checkpoint and says which exits, exit rule, token pruning schedule and training hyperparameters to
 start from. It is a starting point, not a tuned result: calibrate the speed knobs on your own validation set.
 
-File format (one JSON object per file, `hub_configs/<name>.json`):
+File format (one JSON object per file, `hub_configs/<name>.json`). Every key names the field it sets, so a preset
+reaches the recipe and the config one to one (`preset_arguments`):
 
     {
       "name": "bert-base-uncased",                       # optional; defaults to the file name without .json
       "description": "What the preset is for and why its choices",
-      "backbone": {
-        "checkpoint": "google-bert/bert-base-uncased",   # the Hub id of the stock checkpoint
+      "backbone": {                                      # the checkpoint the preset is written for
+        "checkpoint": "google-bert/bert-base-uncased",   # its Hub id: `train`'s --model_name_or_path
         "model_type": "bert",                            # its family: one of hf_magicpyramid.adapters.ADAPTERS
-        "num_hidden_layers": 12                          # its depth: every per-layer list below has this many entries
+        "num_hidden_layers": 12,                         # its depth: every per-layer list below has this many entries
+        "hidden_size": 768                               # optional, descriptive
       },
       "exit_layers": [1, 2, ..., 12],                    # any MagicPyramidConfig field (exit_pooling, exit_criterion,
       "token_pruning": "topk",                           #  exit_objective, token_importance, keep_ratios or
       "keep_ratios": [1.0, ..., 0.4],                    #  prune_thresholds, ...) at the top level
-      "training": {
+      "training": {                                      # RecipeSettings fields (hf_magicpyramid.arguments), by name
         "learning_rate": 2e-5,                           # backbone and final head
-        "exit_learning_rate": 1e-4,                      # exit heads
-        "epochs": {"finetune": 3, "exits": 0, "pruning": 1},
+        "exit_learning_rate": 1e-4,                      # exit heads (stage 4)
+        "epochs": 3,                                     # stage 1: fine-tune the backbone and its head
+        "pruned_finetune_epochs": 1,                     # stage 3: fine-tune with the pruning fixed
         "batch_size": 32,
         "max_length": 128,
         "warmup_ratio": 0.1,
         "weight_decay": 0.01,
-        "distillation_temperature": 1.0,                 # also sets the config field of the same name
-        "pruning_penalty": 0.1                           # also sets the config field of the same name
+        "distillation_temperature": 1.0,                 # the config field: the exits' self-distillation temperature
+        "pruning_penalty": 0.1                           # the recipe setting, which sets the config field of that name
       }
     }
 
-Training stages (`training.epochs`): `finetune` trains the backbone and its final head on the task (with
-`exit_objective="joint"` the exits train with them); `exits` trains only the exit heads with the backbone frozen
-(`"two_stage"`, `"self_distillation"`; 0 for `"joint"`); `pruning` fine-tunes with token pruning switched on (LTP's soft
-then hard phase for `"threshold"`). A `threshold_learning_rate` key may be added for threshold pruning.
+A top-level key that names a recipe setting (`token_pruning`, `exit_objective`, `exit_pooling`, `exit_criterion`,
+`keep_ratios`) sets that setting; the other top-level keys are config fields passed as the recipe's `pyramid_options`.
+The `training` block holds recipe settings that are not config fields (`epochs`, `pruning_epochs` (stage 2, LTP's soft
+phase, for `"threshold"`), `pruned_finetune_epochs`, `exit_epochs` (stage 4, for `"two_stage"` and
+`"self_distillation"`), learning rates, `teacher_temperature`, ...) plus the two config fields that are training
+hyperparameters, `distillation_temperature` and `pruning_penalty`. A stage the preset's settings skip (stage 4 for
+`"joint"`) needs no epochs.
 
 Where presets are found, first match wins: `hub_configs/` beside the package folder (a source checkout or an editable
 install), then `hf_magicpyramid/hub_configs/` inside an installed package (the wheel maps the top-level folder there).
 
-This module imports only the standard library and the config module (transformers' `AutoConfig` lazily), so it may
-travel to the Hub with the custom code without adding requirements.
+This module imports only the standard library, the config module and `arguments` (the recipe's field names; transformers'
+`AutoConfig` lazily): it adds no requirement wherever it goes.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import json
 import os
 from pathlib import Path
 
+from .arguments import RECIPE_FIELDS, RecipeSettings
 from .configuration_magic_pyramid import MagicPyramidConfig, check_supported
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -57,18 +64,15 @@ PRESET_SEARCH_PATH = (_PACKAGE_DIR.parent / "hub_configs", _PACKAGE_DIR / "hub_c
 CONFIG_FIELDS = tuple(name for name in MagicPyramidConfig.__annotations__ if name != "backbone_config")
 # Fields whose length or values depend on the backbone's depth.
 LAYER_FIELDS = ("exit_layers", "keep_ratios", "prune_thresholds", "heads_per_layer", "ffn_per_layer")
-# Training values that are also config fields: the training block is their single source in a preset.
+# Config fields that are training hyperparameters: a preset holds them in its training block.
 TRAINING_CONFIG_FIELDS = ("distillation_temperature", "pruning_penalty")
-TRAINING_KEYS = (
-    "learning_rate",
-    "exit_learning_rate",
-    "epochs",
-    "batch_size",
-    "max_length",
-    "distillation_temperature",
-    "pruning_penalty",
-)
-TRAINING_STAGES = ("finetune", "exits", "pruning")
+# The training block: recipe settings that are not config fields, and the config fields above.
+TRAINING_FIELDS = tuple(
+    name for name in RECIPE_FIELDS if name not in CONFIG_FIELDS and name != "pyramid_options"
+) + TRAINING_CONFIG_FIELDS
+# What every preset says (the rest of the recipe keeps its defaults).
+TRAINING_KEYS = ("learning_rate", "exit_learning_rate", "epochs", "batch_size", "max_length") + TRAINING_CONFIG_FIELDS
+_BACKBONE_KEYS = ("checkpoint", "model_type", "num_hidden_layers", "hidden_size")
 _META_KEYS = ("name", "description", "backbone", "training")
 _LABEL_FIELDS = ("num_labels", "id2label", "label2id", "problem_type")
 
@@ -147,17 +151,21 @@ def validate_preset(preset: dict, source: str = "<preset>") -> dict:
     unknown = sorted(set(preset) - set(_META_KEYS) - set(CONFIG_FIELDS))
     if unknown:
         raise ValueError(
-            f"{source}: unknown preset keys {unknown}. Allowed: {', '.join(_META_KEYS)} and the MagicPyramidConfig "
-            f"fields {', '.join(CONFIG_FIELDS)}."
+            f"{source}: unknown preset keys {unknown}"
+            + (" (recipe settings go in the 'training' block)" if set(unknown) <= set(TRAINING_FIELDS) else "")
+            + f". Allowed: {', '.join(_META_KEYS)} and the MagicPyramidConfig fields {', '.join(CONFIG_FIELDS)}."
         )
     if not isinstance(preset.get("description"), str) or not preset["description"].strip():
         raise ValueError(f"{source}: 'description' must be a non-empty string saying what the preset is for.")
     backbone = preset.get("backbone")
-    if not isinstance(backbone, dict) or not all(key in backbone for key in ("checkpoint", "model_type", "num_hidden_layers")):
+    if not isinstance(backbone, dict) or not all(key in backbone for key in _BACKBONE_KEYS[:3]):
         raise ValueError(
             f"{source}: 'backbone' must be an object with 'checkpoint' (a Hub id), 'model_type' (the family) and "
             f"'num_hidden_layers' (its depth), got {backbone!r}."
         )
+    unknown = sorted(set(backbone) - set(_BACKBONE_KEYS))
+    if unknown:
+        raise ValueError(f"{source}: unknown 'backbone' keys {unknown}. Allowed: {', '.join(_BACKBONE_KEYS)}.")
     depth = backbone["num_hidden_layers"]
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"{source}: backbone.num_hidden_layers={depth!r} must be an integer >= 1.")
@@ -174,20 +182,29 @@ def validate_preset(preset: dict, source: str = "<preset>") -> dict:
 
 
 def _validate_training(training, source: str) -> None:
+    """The training block: known recipe setting names (see the module docstring), values the recipe accepts."""
     if not isinstance(training, dict):
         raise ValueError(f"{source}: 'training' must be an object with {', '.join(TRAINING_KEYS)}.")
+    unknown = sorted(set(training) - set(TRAINING_FIELDS))
+    if unknown:
+        config_named = [key for key in unknown if key in CONFIG_FIELDS]
+        where = f" ({', '.join(config_named)}: config fields go at the top level)" if config_named else ""
+        raise ValueError(
+            f"{source}: unknown keys {unknown} in 'training'{where}. Allowed: the recipe settings "
+            f"{', '.join(TRAINING_FIELDS)}."
+        )
     missing = [key for key in TRAINING_KEYS if key not in training]
     if missing:
         raise ValueError(f"{source}: the 'training' block lacks {missing}; it needs {', '.join(TRAINING_KEYS)}.")
-    for key, value in training.items():
-        if key == "epochs":
-            if not isinstance(value, dict) or set(value) != set(TRAINING_STAGES):
-                raise ValueError(f"{source}: training.epochs must give epochs for exactly the stages {TRAINING_STAGES}, got {value!r}.")
-            bad = {stage: n for stage, n in value.items() if isinstance(n, bool) or not isinstance(n, (int, float)) or n < 0}
-            if bad:
-                raise ValueError(f"{source}: training.epochs has invalid values {bad}: epochs are numbers >= 0.")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{source}: training.{key}={value!r} must be a number >= 0.")
+    if isinstance(training["epochs"], dict):
+        raise ValueError(
+            f"{source}: training.epochs={training['epochs']!r} must be a number, the stage-1 epochs; the other stages "
+            "have their own keys: pruning_epochs (stage 2), pruned_finetune_epochs (stage 3), exit_epochs (stage 4)."
+        )
+    try:
+        RecipeSettings(**{key: value for key, value in training.items() if key in RECIPE_FIELDS})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: in 'training': {error}") from None
 
 
 def _default_backbone(auto_config, model_type: str, depth: int):
@@ -202,6 +219,24 @@ def _config_fields(preset: dict) -> dict:
         if key in preset.get("training", {}):
             fields[key] = preset["training"][key]
     return fields
+
+
+def preset_arguments(name_or_path) -> dict:
+    """The preset as `train` arguments, by field name: `model_name_or_path` (the checkpoint), every recipe setting it
+    holds (`RecipeSettings` fields), and its other config fields as `pyramid_options`. Nothing is left out."""
+    preset = load_preset(name_or_path)
+    values = {"model_name_or_path": preset["backbone"]["checkpoint"]}
+    options = {}
+    for key, value in _config_fields(preset).items():
+        if key in RECIPE_FIELDS:
+            values[key] = value
+        else:
+            options[key] = value
+    for key, value in preset["training"].items():
+        if key in RECIPE_FIELDS:
+            values[key] = copy.deepcopy(value)
+    values["pyramid_options"] = options
+    return values
 
 
 def pyramid_options(name_or_path) -> dict:
@@ -273,4 +308,4 @@ def config_from_preset(name_or_path, backbone_config=None, config_class=None, **
     return config
 
 
-__all__ = ["available_presets", "load_preset", "validate_preset", "pyramid_options", "config_from_preset", "preset_dirs"]
+__all__ = ["available_presets", "load_preset", "validate_preset", "preset_arguments", "pyramid_options", "config_from_preset", "preset_dirs"]

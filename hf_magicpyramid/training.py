@@ -29,7 +29,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
+from .arguments import RecipeSettings
 from .configuration_magic_pyramid import exact_speed
 from .data import infer_labels, label_names_of, load_named_dataset, load_text_files, prepare_dataset
 from .exits import task_loss
@@ -308,43 +309,6 @@ def accuracy_metrics(eval_prediction) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RecipeSettings:
-    """Every knob of `train_magic_pyramid` (saved in `training_summary.json`)."""
-
-    max_length: int = 128
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    epochs: float = 3.0  # stage 1: backbone + head
-    pruning_epochs: float = 1.0  # stage 2: LTP soft phase
-    pruned_finetune_epochs: float = 1.0  # stage 3: fine-tune with pruning fixed
-    exit_epochs: float = 2.0  # stage 4: exits
-    learning_rate: float = 5e-5
-    exit_learning_rate: float = 5e-4
-    threshold_learning_rate: float = 2e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    gradient_accumulation_steps: int = 1
-    # "topk" by default: on all-MiniLM-L6-v2 + Rotten Tomatoes (1,600 train, 500 validation) the fixed 1.0 -> 0.5 pyramid,
-    # fine-tuned in stage 3, scored 79.4% vs the stock 78.6%; LTP thresholds (soft phase at pruning_temperature 0.01,
-    # λ 0.1) fell to 65.8%: that model's [CLS] attention scores (~1e-3) are far below the temperature, so the soft masks
-    # stay near 0.5 and do not approximate the hard ones.
-    token_pruning: str = "topk"
-    exit_objective: str = "self_distillation"
-    exit_pooling: str | None = None  # None: "mean" for sentence-embedding checkpoints, else "cls"
-    exit_criterion: str = "entropy"
-    pruning_penalty: float | None = None
-    keep_ratios: list[float] | None = None
-    distillation_alpha: float = 0.5  # stages 2-3: final exit learns from the stage-1 model (0 disables)
-    distillation_temperature: float = 2.0
-    seed: int = 42
-    save_steps: int = 500
-    logging_steps: int = 50
-    keep_checkpoints: bool = False
-    disable_tqdm: bool | None = None
-    pyramid_options: dict = field(default_factory=dict)
-
-
 def _training_args(output_dir: Path, settings: RecipeSettings, epochs: float, learning_rate: float) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -429,7 +393,7 @@ def _run_stage(
         compute_metrics=accuracy_metrics,
         teacher=teacher if settings.distillation_alpha > 0 else None,
         distillation_alpha=settings.distillation_alpha,
-        distillation_temperature=settings.distillation_temperature,
+        distillation_temperature=settings.teacher_temperature,
         freeze=freeze,
         threshold_learning_rate=threshold_learning_rate,
         callbacks=callbacks,

@@ -426,7 +426,7 @@ def test_cli_train_with_a_preset(tmp_path, tiny_dir):
     depth = AutoConfig.from_pretrained(str(tiny_dir)).num_hidden_layers
     preset.update(name="tiny-bert", exit_layers=[1, 3], keep_ratios=[1.0, 0.9, 0.7, 0.5], exit_pooling="mean")
     preset["backbone"].update(checkpoint=str(tiny_dir), num_hidden_layers=depth, hidden_size=32)
-    preset["training"].update(max_length=24, batch_size=8, learning_rate=1e-3, epochs={"finetune": 1, "pruning": 1, "exits": 1})
+    preset["training"].update(max_length=24, batch_size=8, learning_rate=1e-3, epochs=1, pruned_finetune_epochs=1, exit_epochs=1)
     preset_file = tmp_path / "tiny-bert.json"
     preset_file.write_text(json.dumps(preset))
     train_file, validation_file = tmp_path / "train.csv", tmp_path / "dev.csv"
