@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import padded_batch, sharpen_exits, tiny_pyramid  # noqa: E402
 
+from hf_magicpyramid.pruning import _capture_hook  # noqa: E402
+
 THREADS = 8
 ROUNDS = 2  # each thread runs its calls this many times, so that calls of different shapes overlap
 
@@ -85,9 +87,13 @@ def _yield_before_every_linear(model) -> None:
 
 @pytest.mark.parametrize("family,attn,options", CASES, ids=[f"{f}-{a}-{o['token_pruning']}" for f, a, o in CASES])
 def test_threads_sharing_one_model_equal_sequential_calls(family, attn, options):
-    model = sharpen_exits(tiny_pyramid(family, attn_implementation=attn, exit_criterion="entropy", **options), std=3.0)
+    def build():
+        return sharpen_exits(tiny_pyramid(family, attn_implementation=attn, exit_criterion="entropy", **options), std=3.0)
+
+    # The sequential reference runs on an identical copy, so that the threads also race to install the capture hooks.
+    reference, model = build(), build()
     work = {thread: _calls(options, thread) for thread in range(THREADS)}
-    expected = {thread: [_run(model, *call) for call in calls] for thread, calls in work.items()}
+    expected = {thread: [_run(reference, *call) for call in calls] for thread, calls in work.items()}
     _yield_before_every_linear(model)
     # The cases must really exercise pruning and exits, or the comparison proves little.
     kept = torch.cat([result[2][:, -1] for results in expected.values() for result in results])
@@ -118,3 +124,7 @@ def test_threads_sharing_one_model_equal_sequential_calls(family, attn, options)
             want = expected[thread][index % len(work[thread])]
             for name, a, b in zip(("logits", "exit_layer", "kept_tokens"), got, want):
                 assert torch.equal(a, b), f"thread {thread}, call {index}: {name} differs from the sequential call"
+    # Capture hooks are installed once per module however many threads reached it first (none where the layer call
+    # itself returns the probabilities).
+    installed = [sum(hook is _capture_hook for hook in module._forward_hooks.values()) for module in model.modules()]
+    assert max(installed) == (0 if model.driver.returns_attention else 1)
