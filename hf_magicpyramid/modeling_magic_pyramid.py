@@ -249,6 +249,7 @@ class _Stream:
         self.scores = None  # (batch, seq_len) importance from the last layer, when the next one prunes
         self.soft_keep = None  # (batch, seq_len) LTP's soft mask, a product over layers (soft phase only)
         self.penalties: list[torch.Tensor] = []
+        self.scored_layers: list[int] = []  # 1-based layers whose output this call scored (the plan it ran, for FLOPs)
         self.drop_padding_columns()
 
     def refresh(self):
@@ -329,7 +330,8 @@ def _run_encoder(
     batch = attention_mask.shape[0]
     num_layers = config.num_hidden_layers
     kept_tokens = torch.zeros(batch, num_layers, dtype=torch.long, device=hidden.device)
-    plan = model._pruning_plan(keep_ratio_scale, prune_threshold_offset)
+    plan = model._pruning_plan(keep_ratio_scale, prune_threshold_offset)  # read once per call; the FLOPs count should use it
+    stream.scored_layers = [i for i in range(1, num_layers) if plan[i] is not None]
     attn_impl = model.backbone.config._attn_implementation or "eager"
     layers = model.layers
     for i, layer in enumerate(layers):
