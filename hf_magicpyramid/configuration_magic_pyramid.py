@@ -11,7 +11,7 @@ import math
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .adapters import check_supported
+from .adapters import check_supported, driver_for
 
 EXIT_CRITERIA = ("entropy", "confidence", "patience")
 EXIT_POOLINGS = ("cls", "mean")
@@ -139,25 +139,23 @@ class MagicPyramidConfig(PreTrainedConfig):
     def backbone_type(self) -> str:
         return self.backbone_config.model_type
 
+    # DistilBertConfig.attribute_map maps num_hidden_layers, hidden_size and num_attention_heads onto its own names;
+    # the FFN width's name comes from the backbone table.
     @property
     def num_hidden_layers(self) -> int:
-        backbone = self.backbone_config
-        return backbone.n_layers if backbone.model_type == "distilbert" else backbone.num_hidden_layers
+        return self.backbone_config.num_hidden_layers
 
     @property
     def hidden_size(self) -> int:
-        backbone = self.backbone_config
-        return backbone.dim if backbone.model_type == "distilbert" else backbone.hidden_size
+        return self.backbone_config.hidden_size
 
     @property
     def full_heads(self) -> int:
-        backbone = self.backbone_config
-        return backbone.n_heads if backbone.model_type == "distilbert" else backbone.num_attention_heads
+        return driver_for(self.backbone_type).full_widths(self.backbone_config)[0]
 
     @property
     def full_ffn(self) -> int:
-        backbone = self.backbone_config
-        return backbone.hidden_dim if backbone.model_type == "distilbert" else backbone.intermediate_size
+        return driver_for(self.backbone_type).full_widths(self.backbone_config)[1]
 
     def resolved_exit_layers(self) -> list[int]:
         """Sorted 1-based exit layers, always ending with the last layer."""
@@ -219,9 +217,9 @@ class MagicPyramidConfig(PreTrainedConfig):
         ):
             if values is None:
                 continue
-            adapter = check_supported(self.backbone_type)
-            if not adapter.slimmable and any(width != full for width in values):
-                raise ValueError(f"{name}={values} is not supported for {self.backbone_type}: {adapter.slim_note}.")
+            driver = driver_for(self.backbone_type)
+            if not driver.slimmable and any(width != full for width in values):
+                raise ValueError(f"{name}={values} is not supported for {self.backbone_type}: {driver.slim_note}.")
             if len(values) != num_layers:
                 raise ValueError(f"{name} has {len(values)} entries; it needs one per layer ({num_layers}).")
             for layer, width in enumerate(values, start=1):

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import BackboneAdapter, _head_dim, check_supported, get_path, layer_modules
-from .pruning import AttentionCapture
+from .adapters import LayerShape, PlainDriver, driver_for
+from .pruning import scores_from_projections
 
 LAYER_KINDS = ("standard", "disentangled")
 
@@ -97,8 +97,8 @@ def embedding_flops(model: nn.Module, tokens):
 
     `model` is a stock `XxxForSequenceClassification` or a Magic Pyramid model.
     """
-    _, _, base = _unwrap(model)
-    return sum((linear_flops(i, o, tokens) for i, o in _embedding_projections(base)), 0 * tokens)
+    _, _, base, driver = _unwrap(model)
+    return sum((linear_flops(i, o, tokens) for i, o in _embedding_projections(driver, base)), 0 * tokens)
 
 
 def exit_head_flops(hidden_size: int, num_labels: int) -> int:
@@ -113,7 +113,7 @@ def final_head_flops(model: nn.Module) -> int:
     prediction head, and the classifier) plus the base model's own pooler (bert, albert). Each runs on one pooled vector
     (the first token, or modernbert's mean), so the count does not depend on the sequence length.
     """
-    _, stock, base = _unwrap(model)
+    _, stock, base, _ = _unwrap(model)
     base_ids = {id(m) for m in base.modules()}
     linears = [m for m in stock.modules() if isinstance(m, nn.Linear) and id(m) not in base_ids]
     pooler = getattr(base, "pooler", None)
@@ -135,40 +135,26 @@ def importance_flops(heads: int, head_dim: int, tokens, from_projections: bool =
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _LayerShape:
-    """The layer_flops arguments of one stock layer module (albert: one per inner layer of the shared group)."""
-
-    hidden_size: int
-    heads: int
-    head_dim: int
-    ffn: int
-    gated_ffn: bool = False
-    layer_kind: str = "standard"
-    relative_span: int = 0
-    relative_terms: int = 0
-    relative_projections: int = 0
-
-    def flops(self, tokens):
-        return layer_flops(
-            self.hidden_size,
-            self.heads,
-            self.head_dim,
-            self.ffn,
-            tokens,
-            gated_ffn=self.gated_ffn,
-            layer_kind=self.layer_kind,
-            relative_span=self.relative_span,
-            relative_terms=self.relative_terms,
-            relative_projections=self.relative_projections,
-        )
+def _shape_flops(shape: LayerShape, tokens):
+    return layer_flops(
+        shape.hidden_size,
+        shape.heads,
+        shape.head_dim,
+        shape.ffn,
+        tokens,
+        gated_ffn=shape.gated_ffn,
+        layer_kind=shape.layer_kind,
+        relative_span=shape.relative_span,
+        relative_terms=shape.relative_terms,
+        relative_projections=shape.relative_projections,
+    )
 
 
 @dataclass
 class _Profile:
-    adapter: BackboneAdapter
+    driver: PlainDriver
     embedding_projections: list[tuple[int, int]]
-    layers: list[list[_LayerShape]]  # per layer, the sublayers it runs
+    layers: list[list[LayerShape]]  # per layer, the stock layers it runs (albert: the inner layers of its group)
     importance_widths: list[tuple[int, int]]  # per layer, (heads, head_dim) of the attention importance reads
     conv: tuple[int, int, int, int] | None  # deberta-v2 after layer 1: (channels, kernel, groups, padding)
     final_head: int
@@ -176,7 +162,7 @@ class _Profile:
 
     def layer(self, index: int, tokens):
         """FLOPs of layer `index` (0-based) on `tokens`, 0 where tokens is 0 (the sample did not run it)."""
-        total = sum((shape.flops(tokens) for shape in self.layers[index]), 0 * tokens)
+        total = sum((_shape_flops(shape, tokens) for shape in self.layers[index]), 0 * tokens)
         if index == 0 and self.conv is not None:
             channels, kernel, groups, padding = self.conv
             total = total + conv_flops(channels, tokens, kernel, groups, padding)
@@ -186,77 +172,37 @@ class _Profile:
 
 
 def _unwrap(model: nn.Module):
-    """(pyramid model or None, stock task model, stock base model) of a Magic Pyramid model or a stock classifier."""
-    pyramid = model if hasattr(model, "backbone") and hasattr(model, "adapter") else None
+    """(pyramid model or None, stock task model, stock base model, driver) of a Magic Pyramid model or a stock classifier."""
+    pyramid = model if hasattr(model, "backbone") and hasattr(model, "driver") else None
     stock = model.backbone if pyramid is not None else model
-    adapter = check_supported(stock.config.model_type)
-    base = getattr(stock, adapter.base_attr, stock)
-    return pyramid, stock, base
+    driver = driver_for(stock.config.model_type)
+    return pyramid, stock, driver.base_model(stock), driver
 
 
-def _embedding_projections(base: nn.Module) -> list[tuple[int, int]]:
-    linears = [m for m in base.embeddings.modules() if isinstance(m, nn.Linear)]  # deberta-v2 embed_proj
-    for path in ("embeddings_project", "encoder.embedding_hidden_mapping_in"):  # electra, albert
-        try:
-            linears.append(get_path(base, path))
-        except AttributeError:
-            continue
-    return [(m.in_features, m.out_features) for m in linears if m is not None]
-
-
-def _full_widths(config) -> tuple[int, int]:
-    if config.model_type == "distilbert":
-        return config.n_heads, config.hidden_dim
-    return config.num_attention_heads, config.intermediate_size
-
-
-def _sublayer_shapes(adapter: BackboneAdapter, base: nn.Module, layer: nn.Module) -> list[_LayerShape]:
-    hidden_size = base.config.dim if adapter.model_type == "distilbert" else base.config.hidden_size
-    if adapter.model_type == "albert":  # a shared group runs all of its inner layers
-        shapes = []
-        for inner in layer.albert_layers:
-            attention = inner.attention
-            head_dim = attention.attention_head_size
-            shapes.append(_LayerShape(hidden_size, attention.query.out_features // head_dim, head_dim, inner.ffn.out_features))
-        return shapes
-    attention = get_path(layer, adapter.attention)
-    head_dim = _head_dim(adapter, attention)
-    heads = get_path(attention, adapter.query).out_features // head_dim // (3 if adapter.fused_qkv else 1)
-    ffn = get_path(layer, adapter.ffn_in).out_features // (2 if adapter.gated_ffn else 1)
-    shape = _LayerShape(hidden_size, heads, head_dim, ffn, gated_ffn=adapter.gated_ffn)
-    if adapter.call == "deberta" and getattr(attention, "relative_attention", False):
-        pos_att_type = attention.pos_att_type
-        shape.layer_kind = "disentangled"
-        shape.relative_span = min(2 * attention.pos_ebd_size, base.encoder.rel_embeddings.num_embeddings)
-        shape.relative_terms = sum(term in pos_att_type for term in ("c2p", "p2c"))
-        # With shared keys both query_proj and key_proj run on the relative embeddings, whatever pos_att_type holds.
-        shape.relative_projections = 2 if attention.share_att_key else shape.relative_terms
-    return [shape]
+def _embedding_projections(driver: PlainDriver, base: nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_features, m.out_features) for m in driver.embedding_projections(base)]
 
 
 def _profile(model: nn.Module, full_width: bool = False) -> _Profile:
-    pyramid, stock, base = _unwrap(model)
-    adapter = check_supported(stock.config.model_type)
-    layers = layer_modules(adapter, base)
-    shapes = [_sublayer_shapes(adapter, base, layer) for layer in layers]
+    pyramid, stock, base, driver = _unwrap(model)
+    shapes = [driver.layer_shapes(base, layer) for layer in driver.layer_modules(base)]
     if full_width:
-        heads, ffn = _full_widths(stock.config)
+        heads, ffn = driver.full_widths(stock.config)
         for layer_shapes in shapes:
             for shape in layer_shapes:
                 shape.heads, shape.ffn = heads, ffn
-    # The attention the importance hooks watch is each layer's first (albert: the shared group's first inner layer).
+    # The attention the importance scores read is each layer's first (albert: the shared group's first inner layer).
     importance_widths = [(layer_shapes[0].heads, layer_shapes[0].head_dim) for layer_shapes in shapes]
-    conv = None
-    if adapter.call == "deberta" and base.encoder.conv is not None:
-        module = base.encoder.conv.conv
-        conv = (module.in_channels, module.kernel_size[0], module.groups, module.padding[0])
+    conv = driver.convolution(base)
+    if conv is not None:
+        conv = (conv.in_channels, conv.kernel_size[0], conv.groups, conv.padding[0])
     exit_heads = {}
     if pyramid is not None and hasattr(pyramid, "exits"):
         for key, head in pyramid.exits.items():
             exit_heads[int(key)] = exit_head_flops(head.dense.in_features, head.classifier.out_features)
     return _Profile(
-        adapter=adapter,
-        embedding_projections=_embedding_projections(base),
+        driver=driver,
+        embedding_projections=_embedding_projections(driver, base),
         layers=shapes,
         importance_widths=importance_widths,
         conv=conv,
@@ -280,8 +226,7 @@ def _importance(pyramid, profile: _Profile, importance_layers, keep_ratio_scale,
             raise ValueError(f"importance_layers contains {layer!r}: layers are 1-based integers in [1, {num_layers}].")
     # The implementation the backbone really runs (the config copy may leave it unset).
     attn_impl = pyramid.backbone.config._attn_implementation or "eager"
-    first_layer = layer_modules(profile.adapter, pyramid.base_encoder)[0]
-    from_projections = AttentionCapture(profile.adapter, first_layer, config.token_importance, attn_impl).from_projections
+    from_projections = scores_from_projections(profile.driver, config.token_importance, attn_impl)
     return list(importance_layers), from_projections
 
 
@@ -310,7 +255,7 @@ def sample_flops(
     cost a matmul (cls_attention from projections under sdpa), each intermediate exit head the sample reached (every
     exit up to its exit layer), and the stock head when it reached the last layer. Returns int64 (batch,).
     """
-    pyramid, _, _ = _unwrap(model)
+    pyramid = _unwrap(model)[0]
     profile = _profile(model)
     num_layers = len(profile.layers)
     kept_tokens = torch.as_tensor(kept_tokens).to(torch.long)

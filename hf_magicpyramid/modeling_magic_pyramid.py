@@ -19,16 +19,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from .adapters import (
-    build_context,
-    check_supported,
-    finalize,
-    layer_modules,
-    layer_widths,
-    max_positions,
-    run_layer,
-    slim_layer,
-)
+from .adapters import check_supported, driver_for
 from .configuration_magic_pyramid import MagicPyramidConfig, check_pruning_knobs, check_speed
 from .flops import sample_flops
 from .exits import ExitHead, PatienceState, exit_decision, exit_objective_loss, exit_rule_can_fire, resolve_problem_type
@@ -105,12 +96,13 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: MagicPyramidConfig):
         super().__init__(config)
-        self.adapter = check_supported(config.backbone_type)
+        self.adapter = check_supported(config.backbone_type)  # the family's table entry: module paths
+        self.driver = driver_for(config.backbone_type)  # how its layers are called (shared, stateless)
         backbone_config = copy.deepcopy(config.backbone_config)
         for name in ("id2label", "label2id", "problem_type"):
             setattr(backbone_config, name, copy.deepcopy(getattr(config, name)))
         attn = config._attn_implementation
-        if attn == "sdpa" and not self.adapter.sdpa:
+        if attn == "sdpa" and not self.driver.sdpa:
             logger.warning_once(f"{self.adapter.model_type} has no sdpa attention; running it with eager attention.")
             attn = "eager"
             config._attn_implementation = "eager"
@@ -170,12 +162,11 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
     @property
     def base_encoder(self) -> nn.Module:
         """The stock base model (e.g. `BertModel`) whose modules the loop runs."""
-        backbone = self.backbone
-        return getattr(backbone, self.adapter.base_attr) if hasattr(backbone, self.adapter.base_attr) else backbone
+        return self.driver.base_model(self.backbone)
 
     @property
     def layers(self) -> list[nn.Module]:
-        return layer_modules(self.adapter, self.base_encoder)
+        return self.driver.layer_modules(self.base_encoder)
 
     def _slim_to_config(self) -> None:
         """Shrink each layer to `heads_per_layer` / `ffn_per_layer` so a slender checkpoint loads into the right shapes."""
@@ -183,9 +174,8 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
         if config.heads_per_layer is None and config.ffn_per_layer is None:
             return
         for layer, heads, ffn in zip(self.layers, config.resolved_heads(), config.resolved_ffn()):
-            full_heads, full_ffn = layer_widths(self.adapter, layer)
-            slim_layer(
-                self.adapter,
+            full_heads, full_ffn = self.driver.layer_widths(layer)
+            self.driver.slim_layer(
                 layer,
                 torch.arange(heads) if heads != full_heads else None,
                 torch.arange(ffn) if ffn != full_ffn else None,
@@ -193,13 +183,13 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
 
     def layer_widths(self) -> list[tuple[int, int]]:
         """(attention heads, FFN neurons) of every layer as built."""
-        return [layer_widths(self.adapter, layer) for layer in self.layers]
+        return [self.driver.layer_widths(layer) for layer in self.layers]
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-        limit = max_positions(self.adapter, self.config.backbone_config)
+        limit = self.driver.max_positions(self.config.backbone_config)
         if limit is not None and shape[1] > limit:
             raise ValueError(
                 f"Input length {shape[1]} exceeds the {limit} positions this {self.adapter.model_type} backbone supports; "
@@ -262,12 +252,13 @@ class _Stream:
         self.scores = None  # (batch, seq_len) importance from the last layer, when the next one prunes
         self.soft_keep = None  # (batch, seq_len) LTP's soft mask, a product over layers (soft phase only)
         self.penalties: list[torch.Tensor] = []
+        self.scored_layers: list[int] = []  # 1-based layers whose output this call scored (the plan it ran, for FLOPs)
         self.drop_padding_columns()
 
     def refresh(self):
         key_bias = None if self.soft_keep is None else self.soft_keep.clamp(min=1e-6).log()
-        self.ctx = build_context(
-            self.model.adapter, self.model.base_encoder, self.hidden, self.attention_mask, self.positions, self.pruned, key_bias
+        self.ctx = self.model.driver.build_context(
+            self.model.base_encoder, self.hidden, self.attention_mask, self.positions, self.pruned, key_bias
         )
 
     def soften(self, threshold: torch.Tensor, temperature: float):
@@ -334,15 +325,16 @@ def _run_encoder(
     """The shared layer loop. `on_layer(i, stream)` runs after layer i (0-based) and may remove rows; returns the stream
     and kept_tokens (batch, num_layers)."""
     config = model.config
-    adapter = model.adapter
+    driver = model.driver
     base = model.base_encoder
     attention_mask = model._check_inputs(input_ids, inputs_embeds, attention_mask)
-    hidden = adapter.embed(base, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
+    hidden = driver.embed(base, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
     stream = _Stream(model, hidden, attention_mask)
     batch = attention_mask.shape[0]
     num_layers = config.num_hidden_layers
     kept_tokens = torch.zeros(batch, num_layers, dtype=torch.long, device=hidden.device)
-    plan = model._pruning_plan(keep_ratio_scale, prune_threshold_offset)
+    plan = model._pruning_plan(keep_ratio_scale, prune_threshold_offset)  # read once per call; the FLOPs count should use it
+    stream.scored_layers = [i for i in range(1, num_layers) if plan[i] is not None]
     attn_impl = model.backbone.config._attn_implementation or "eager"
     layers = model.layers
     for i, layer in enumerate(layers):
@@ -351,14 +343,11 @@ def _run_encoder(
         kept_tokens[stream.rows, i] = stream.attention_mask.sum(dim=1)
         next_step = plan[i + 1] if i + 1 < num_layers else None
         if next_step is None:
-            stream.hidden, _ = run_layer(adapter, base, i, layer, stream.hidden, stream.ctx)
+            stream.hidden, _ = driver.run_layer(base, i, layer, stream.hidden, stream.ctx)
         else:
-            with AttentionCapture(adapter, layer, config.token_importance, attn_impl) as capture:
-                stream.hidden, weights = run_layer(
-                    adapter, base, i, layer, stream.hidden, stream.ctx, output_attentions=capture.needs_layer_weights
-                )
-                if capture.needs_layer_weights:
-                    capture.set_layer_weights(weights)
+            # Per-call capture: concurrent calls on this model each catch their own q/K or probabilities.
+            capture = AttentionCapture(driver, layer, config.token_importance, attn_impl)
+            stream.hidden = capture.run_layer(base, i, stream.hidden, stream.ctx)
             stream.scores = capture.scores(stream.ctx)
         if on_layer is not None and on_layer(i, stream):
             break
@@ -423,7 +412,7 @@ class MagicPyramidModel(MagicPyramidPreTrainedModel):
             self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, keep_ratio_scale, prune_threshold_offset
         )
         return MagicPyramidModelOutput(
-            last_hidden_state=finalize(self.adapter, self.base_encoder, stream.hidden),
+            last_hidden_state=self.driver.finalize(self.base_encoder, stream.hidden),
             attention_mask=stream.attention_mask,
             token_positions=stream.positions,
             kept_tokens=kept_tokens,
@@ -491,8 +480,8 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------------
     def final_logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The stock head on the last layer's output (after the base model's final norm, if any)."""
-        hidden = finalize(self.adapter, self.base_encoder, hidden)
-        return self.adapter.final_head(self.backbone, hidden, attention_mask)
+        hidden = self.driver.finalize(self.base_encoder, hidden)
+        return self.driver.final_head(self.backbone, hidden, attention_mask)
 
     def forward(
         self,

@@ -2,10 +2,15 @@
 
 Importance is read from the stock attention layers while they run:
 - `cls_attention`: the attention row of the first token, averaged over heads. Under sdpa no probabilities exist, so
-  forward hooks on the query/key projections catch q and K and the first row is recomputed: softmax(q_0 · Kᵀ · scale +
-  mask), (batch, heads, seq_len) only, never (seq_len × seq_len). Families whose scores are more than q · k (deberta-v2's
-  disentangled terms, mpnet's position bias) run eager and read the row from the returned probabilities.
+  the outputs of the query/key projections are caught and the first row is recomputed: softmax(q_0 · Kᵀ · scale +
+  mask), (batch, heads, seq_len) only, never (seq_len × seq_len); no projection runs twice. Families whose scores are
+  more than q · k (deberta-v2's disentangled terms, mpnet's position bias) run eager and return the probabilities from
+  the layer call itself.
 - `mean_attention`: the attention each token receives, averaged over real queries and heads (LTP, PoWER-BERT); eager.
+
+Concurrent calls on one model are safe: the forward hooks that catch q, K or the probabilities are installed once per
+module, hold no state, and write into the `AttentionCapture` of the call that is running the layer, found through a
+context variable (each thread and each asyncio task sees its own).
 
 This file travels to the Hub as custom code: it imports only installed packages and same-folder modules.
 """
@@ -13,103 +18,125 @@ This file travels to the Hub as custom code: it imports only installed packages 
 from __future__ import annotations
 
 import math
+import threading
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
-from .adapters import BackboneAdapter, LayerContext, get_path
+from .adapters import LayerContext, PlainDriver
+
+# The capture of the layer the current thread / task is running, if it scores importance; None otherwise.
+_ACTIVE_CAPTURE: ContextVar["AttentionCapture | None"] = ContextVar("magic_pyramid_attention_capture", default=None)
+_HOOKED = "_magic_pyramid_capture_hook"  # set on a module once its hook is installed
+_install_lock = threading.Lock()  # so that two threads reaching a new module together install one hook, not two
+
+
+def _capture_hook(module: nn.Module, inputs, output) -> None:
+    capture = _ACTIVE_CAPTURE.get()
+    if capture is not None:
+        capture._catch(module, output)
+
+
+def _ensure_hook(module: nn.Module) -> None:
+    """Install the stateless capture hook on `module` once (again after surgery replaced a module: it is a new one)."""
+    if module.__dict__.get(_HOOKED):
+        return
+    with _install_lock:
+        if not module.__dict__.get(_HOOKED):
+            module.register_forward_hook(_capture_hook)
+            module.__dict__[_HOOKED] = True
+
+
+def scores_from_projections(driver: PlainDriver, mode: str, attn_implementation: str) -> bool:
+    """Whether `cls_attention` is rebuilt from the q/K projections (sdpa: no probabilities to read), which costs one
+    q₀ · Kᵀ product per scoring layer."""
+    return mode == "cls_attention" and not driver.returns_attention and attn_implementation != "eager"
 
 
 class AttentionCapture:
-    """While one layer runs, catch what the importance score needs. Use as a context manager around `run_layer`.
+    """What one layer's run gives token importance, for one call. `run_layer` runs the layer and catches it;
+    `scores(ctx)` then returns (batch, seq_len) importance in [0, 1] (padding gets 0).
 
-    After the layer ran, `scores(ctx)` returns (batch, seq_len) importance in [0, 1] (padding gets 0).
+    Also a context manager around a hand-made `driver.run_layer` call (then pass `output_attentions=needs_layer_weights`
+    and hand the returned probabilities to `weights`).
     """
 
-    def __init__(self, adapter: BackboneAdapter, layer: nn.Module, mode: str, attn_implementation: str):
-        self.adapter = adapter
+    def __init__(self, driver: PlainDriver, layer: nn.Module, mode: str, attn_implementation: str):
+        self.driver = driver
         self.layer = layer
         self.mode = mode
-        self.attention = get_path(layer, adapter.attention)
-        # deberta-v2 and mpnet return probabilities themselves when asked; no hooks needed there.
-        self.layer_returns_weights = adapter.call in ("deberta", "mpnet")
-        self.from_projections = mode == "cls_attention" and not self.layer_returns_weights and attn_implementation != "eager"
-        self.handles = []
+        self.attention = driver.attention(layer)
+        self.needs_layer_weights = driver.returns_attention
+        self.from_projections = scores_from_projections(driver, mode, attn_implementation)
+        self.query_module, self.key_module = driver.projection_modules(layer) if self.from_projections else (None, None)
         self.query = self.key = self.weights = None
-
-    @property
-    def needs_layer_weights(self) -> bool:
-        return self.layer_returns_weights
+        self._token = None
 
     def __enter__(self):
         if self.from_projections:
-            query = get_path(self.attention, self.adapter.query)
-            key = get_path(self.attention, self.adapter.key)
-            if query is key:  # fused qkv projection
-                self.handles.append(query.register_forward_hook(self._catch_fused))
-            else:
-                self.handles.append(query.register_forward_hook(self._catch("query")))
-                self.handles.append(key.register_forward_hook(self._catch("key")))
-        elif not self.layer_returns_weights:
-            self.handles.append(self.attention.register_forward_hook(self._catch_weights))
+            _ensure_hook(self.query_module)
+            _ensure_hook(self.key_module)
+        elif not self.needs_layer_weights:
+            _ensure_hook(self.attention)
+        self._token = _ACTIVE_CAPTURE.set(self)
         return self
 
     def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        _ACTIVE_CAPTURE.reset(self._token)
+        self._token = None
 
-    def _catch(self, name):
-        def hook(module, inputs, output):
-            setattr(self, name, output)
+    def run_layer(self, base: nn.Module, index: int, hidden: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Run layer `index` through the driver while catching what the scores need; returns its hidden states."""
+        with self:
+            hidden, weights = self.driver.run_layer(base, index, self.layer, hidden, ctx, output_attentions=self.needs_layer_weights)
+        if self.needs_layer_weights:
+            self.weights = weights
+        return hidden
 
-        return hook
-
-    def _catch_fused(self, module, inputs, output):
-        self.query, self.key, _ = output.chunk(3, dim=-1)
-
-    def _catch_weights(self, module, inputs, output):
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if weights is None:
-            raise RuntimeError(
-                f"token_importance={self.mode!r} needs attention probabilities, but the {self.adapter.model_type} "
-                "attention returned none: load the model with attn_implementation='eager'."
-            )
-        self.weights = weights
-
-    def set_layer_weights(self, weights: torch.Tensor | None) -> None:
-        self.weights = weights
+    def _catch(self, module: nn.Module, output) -> None:
+        """Called by the hooks, in the thread running this capture's layer."""
+        if self.from_projections:
+            if module is self.query_module and module is self.key_module:
+                self.query, self.key = self.driver.split_projections(output, output)
+            elif module is self.query_module:
+                self.query = output
+            elif module is self.key_module:
+                self.key = output
+        elif module is self.attention and not self.needs_layer_weights:
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise RuntimeError(
+                    f"token_importance={self.mode!r} needs attention probabilities, but the {self.driver.model_type} "
+                    "attention returned none: load the model with attn_implementation='eager'."
+                )
+            self.weights = weights
 
     def scores(self, ctx: LayerContext) -> torch.Tensor:
         """(batch, seq_len) importance of each current token, 0 on padding."""
         mask = ctx.attention_mask.to(torch.bool)
         if self.from_projections:
             row = self._cls_row_from_projections(ctx)
-        elif self.mode == "cls_attention":
-            row = self.weights[:, :, 0, :].mean(dim=1)
         else:
-            real_queries = mask.to(self.weights.dtype)[:, None, :, None]
-            received = (self.weights * real_queries).sum(dim=2) / real_queries.sum(dim=2).clamp(min=1.0)
-            row = received.mean(dim=1)
+            if self.weights is None:
+                raise RuntimeError(f"No attention probabilities were caught from the {self.driver.model_type} layer.")
+            if self.mode == "cls_attention":
+                row = self.weights[:, :, 0, :].mean(dim=1)
+            else:
+                real_queries = mask.to(self.weights.dtype)[:, None, :, None]
+                received = (self.weights * real_queries).sum(dim=2) / real_queries.sum(dim=2).clamp(min=1.0)
+                row = received.mean(dim=1)
         self.query = self.key = self.weights = None
         return row.float().masked_fill(~mask, 0.0)
 
     def _cls_row_from_projections(self, ctx: LayerContext) -> torch.Tensor:
-        attention = self.attention
-        head_dim = attention.head_dim if self.adapter.fused_qkv else attention.attention_head_size
+        if self.query is None or self.key is None:
+            raise RuntimeError(f"The query/key projections of the {self.driver.model_type} layer did not run while it was captured.")
+        head_dim = self.driver.head_dim(self.attention)
         batch, seq_len, _ = self.key.shape
         query = self.query[:, :1].reshape(batch, 1, -1, head_dim).transpose(1, 2)  # (batch, heads, 1, head_dim)
         key = self.key.reshape(batch, seq_len, -1, head_dim).transpose(1, 2)  # (batch, heads, seq_len, head_dim)
-        allowed = ctx.attention_mask.to(torch.bool)
-        if self.adapter.call == "modernbert":
-            from transformers.models.modernbert.modeling_modernbert import apply_rotary_pos_emb
-
-            cos, sin = ctx.extras["position_embeddings"][self.layer.attention_type]
-            query, _ = apply_rotary_pos_emb(query, query, cos[:, :1], sin[:, :1], unsqueeze_dim=1)
-            _, key = apply_rotary_pos_emb(key, key, cos, sin, unsqueeze_dim=1)
-            if self.layer.attention_type == "sliding_attention":
-                window = self.layer.attn.config.sliding_window
-                allowed = allowed & ((ctx.positions - ctx.positions[:, :1]).abs() <= window)
+        query, key, allowed = self.driver.position_scores(self.layer, query, key, ctx)
         logits = torch.matmul(query, key.transpose(-1, -2)).squeeze(2) * head_dim**-0.5  # (batch, heads, seq_len)
         if ctx.extras.get("key_bias") is not None:  # LTP's soft mask, as the layer itself saw it
             logits = logits + ctx.extras["key_bias"][:, None, :].to(logits.dtype)
@@ -159,4 +186,4 @@ def threshold_counts(scores: torch.Tensor, attention_mask: torch.Tensor, thresho
     return above.sum(dim=1).clamp(min=min_kept)
 
 
-__all__ = ["AttentionCapture", "select_tokens", "topk_counts", "threshold_counts"]
+__all__ = ["AttentionCapture", "scores_from_projections", "select_tokens", "topk_counts", "threshold_counts"]

@@ -13,7 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import FAMILIES, SDPA_FAMILIES, padded_batch, tiny_stock  # noqa: E402
 
 from hf_magicpyramid import MagicPyramidConfig, MagicPyramidForSequenceClassification  # noqa: E402
-from hf_magicpyramid.adapters import build_context, finalize, run_layer  # noqa: E402
 from hf_magicpyramid.modeling_magic_pyramid import _run_encoder  # noqa: E402
 from hf_magicpyramid.pruning import AttentionCapture, select_tokens  # noqa: E402
 
@@ -39,17 +38,17 @@ def record_positions(model, input_ids, attention_mask):
 
 
 def embed_full_length(model, input_ids, attention_mask):
-    """(adapter, base, embeddings, layer context) for the unpruned input: where a hand-driven layer loop starts."""
-    adapter, base = model.adapter, model.base_encoder
-    hidden = adapter.embed(base, input_ids, None, None, None, attention_mask)
+    """(driver, base, embeddings, layer context) for the unpruned input: where a hand-driven layer loop starts."""
+    driver, base = model.driver, model.base_encoder
+    hidden = driver.embed(base, input_ids, None, None, None, attention_mask)
     positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-    return adapter, base, hidden, build_context(adapter, base, hidden, attention_mask, positions, pruned=False)
+    return driver, base, hidden, driver.build_context(base, hidden, attention_mask, positions, pruned=False)
 
 
 def masked_reference(model, input_ids, attention_mask, seen):
     """Full-length run where each layer sees only the tokens the pruned run kept for that layer (keys masked out)."""
-    adapter, base = model.adapter, model.base_encoder
-    hidden = adapter.embed(base, input_ids, None, None, None, attention_mask)
+    driver, base = model.driver, model.base_encoder
+    hidden = driver.embed(base, input_ids, None, None, None, attention_mask)
     batch, seq_len = attention_mask.shape
     positions = torch.arange(seq_len).expand(batch, seq_len)
     for i, layer in enumerate(model.layers):
@@ -57,9 +56,9 @@ def masked_reference(model, input_ids, attention_mask, seen):
         layer_mask = torch.zeros_like(attention_mask)
         for row, pos, mask in zip(rows, kept_positions, kept_mask):
             layer_mask[row, pos[mask.bool()]] = 1
-        ctx = build_context(adapter, base, hidden, layer_mask, positions, pruned=False)
-        hidden, _ = run_layer(adapter, base, i, layer, hidden, ctx)
-    return finalize(adapter, base, hidden)
+        ctx = driver.build_context(base, hidden, layer_mask, positions, pruned=False)
+        hidden, _ = driver.run_layer(base, i, layer, hidden, ctx)
+    return driver.finalize(base, hidden)
 
 
 @pytest.mark.parametrize("family,attn", ATTN_CASES)
@@ -69,7 +68,7 @@ def test_pruned_run_equals_masked_full_length_run(family, attn):
     input_ids, attention_mask = padded_batch(LENGTHS, seed=3)
     with torch.no_grad():
         stream, kept, seen = record_positions(model, input_ids, attention_mask)
-        pruned_hidden = finalize(model.adapter, model.base_encoder, stream.hidden)
+        pruned_hidden = model.driver.finalize(model.base_encoder, stream.hidden)
         reference = masked_reference(model, input_ids, attention_mask, seen)
     assert kept[:, -1].tolist() == [5, 4, 2, 5]  # ceil(0.4 * length): tokens really left the sequence
     assert pruned_hidden.shape[1] == 5
@@ -107,11 +106,11 @@ def test_cls_attention_from_projections_equals_eager_probabilities(family):
     input_ids, attention_mask = padded_batch(LENGTHS, seed=5)
     with torch.no_grad():
         eager = stock_eager(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions
-        adapter, base, hidden, ctx = embed_full_length(model, input_ids, attention_mask)
+        driver, base, hidden, ctx = embed_full_length(model, input_ids, attention_mask)
         for i, layer in enumerate(model.layers):
-            with AttentionCapture(adapter, layer, "cls_attention", "sdpa") as capture:
+            with AttentionCapture(driver, layer, "cls_attention", "sdpa") as capture:
                 assert capture.from_projections
-                hidden, _ = run_layer(adapter, base, i, layer, hidden, ctx)
+                hidden, _ = driver.run_layer(base, i, layer, hidden, ctx)
             scores = capture.scores(ctx)
             expected = eager[i][:, :, 0].mean(dim=1).masked_fill(~attention_mask.bool(), 0.0)
             torch.testing.assert_close(scores, expected, atol=1e-5, rtol=0)
@@ -124,12 +123,9 @@ def test_mean_attention_is_attention_received(family):
     input_ids, attention_mask = padded_batch(LENGTHS, seed=6)
     with torch.no_grad():
         eager = stock_eager(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions
-        adapter, base, hidden, ctx = embed_full_length(model, input_ids, attention_mask)
-        layer = model.layers[0]
-        with AttentionCapture(adapter, layer, "mean_attention", "eager") as capture:
-            hidden, weights = run_layer(adapter, base, 0, layer, hidden, ctx, output_attentions=capture.needs_layer_weights)
-            if capture.needs_layer_weights:
-                capture.set_layer_weights(weights)
+        driver, base, hidden, ctx = embed_full_length(model, input_ids, attention_mask)
+        capture = AttentionCapture(driver, model.layers[0], "mean_attention", "eager")
+        hidden = capture.run_layer(base, 0, hidden, ctx)
         scores = capture.scores(ctx)
     real = attention_mask.bool()
     for row in range(len(LENGTHS)):

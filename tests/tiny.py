@@ -63,5 +63,22 @@ def padded_batch(lengths=(9, 6, 3, 12), vocab: int = 99, seed: int = 0, first_id
     attention_mask = torch.zeros(len(lengths), seq_len, dtype=torch.long)
     for row, length in enumerate(lengths):
         attention_mask[row, :length] = 1
-        input_ids[row, length:] = 1 if False else 0
+        input_ids[row, length:] = 0
     return input_ids, attention_mask
+
+
+def tiny_pyramid(family: str, attn_implementation: str | None = None, num_labels: int = 3, seed: int = 0, **options):
+    """A Magic Pyramid classifier (eval mode) converted from `tiny_stock(family, ...)`; `options` are config fields."""
+    from hf_magicpyramid import MagicPyramidForSequenceClassification
+
+    stock = tiny_stock(family, num_labels=num_labels, attn_implementation=attn_implementation, seed=seed)
+    return MagicPyramidForSequenceClassification.from_backbone(stock, **options).eval()
+
+
+def sharpen_exits(model, std: float = 2.0, seed: int = 0):
+    """Random but confident exit heads, so that exits fire at different layers for different inputs. Returns model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in model.exits.values():
+            head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=generator) * std)
+    return model
