@@ -520,6 +520,8 @@ def _safetensors_problem(path: Path) -> str | None:
     if not path.is_file():
         return f"{path.name} is missing"
     size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is truncated ({size} bytes)"
     try:
         with open(path, "rb") as handle:
             header_length = int.from_bytes(handle.read(8), "little")
@@ -644,7 +646,8 @@ def backbone_identity(backbone, stock_config) -> dict:
         for path in sorted(p for p in Path(backbone).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth")):
             digest.update(path.name.encode())
             with open(path, "rb") as handle:
-                digest.update(hashlib.file_digest(handle, "sha256").digest())
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
         identity["weights_sha256"] = digest.hexdigest()
     else:
         identity["revision"] = getattr(stock_config, "_commit_hash", None)
