@@ -1107,7 +1107,7 @@ def train_magic_pyramid(
     else:
         _seed_stage(settings, STAGE_FOLDERS[0])
         if isinstance(backbone, PreTrainedModel):
-            stock = backbone
+            stock = copy.deepcopy(backbone)  # the caller's model stays as given (its weights are in the fingerprint)
         else:
             stock = AutoModelForSequenceClassification.from_pretrained(
                 backbone, num_labels=len(label2id), id2label=id2label, label2id=label2id,
