@@ -470,6 +470,26 @@ def test_overwrite_output_dir_retrains_and_keeps_the_users_files(tmp_path, tiny_
     assert "notes.txt" not in summary["root_files"] and "config.json" in summary["root_files"]
 
 
+def test_a_root_save_cut_short_is_redone(tmp_path, tiny_dir, finished_run):
+    """A kill while the final model is moved into place leaves no root summary: the rerun redoes the save from the
+    complete stages, and never reports the half-written root as done."""
+    import shutil
+
+    out = copy_of(finished_run, tmp_path)
+    staging = out / ".final_model.partial"
+    staging.mkdir()
+    shutil.copy(out / "training_summary.json", staging / "training_summary.json")
+    shutil.move(out / "model.safetensors", staging / "model.safetensors")  # not moved into place yet
+    (out / "training_summary.json").unlink()
+    lines: list[str] = []
+    train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lines.append, **SMALL)
+    assert not any("nothing to train" in line for line in lines)
+    assert sum("already complete" in line for line in lines) == 3 and not staging.exists()
+    assert json.loads((out / "training_summary.json").read_text())["fingerprint"] == finished_run[1]["fingerprint"]
+    expected = final_weights(finished_run[0])
+    assert all(torch.equal(value, final_weights(out)[name]) for name, value in expected.items())
+
+
 @pytest.mark.slow
 def test_a_model_instance_backbone_resumes_and_is_left_as_given(tmp_path, tiny_dir, tokenizer):
     torch.manual_seed(0)
