@@ -528,9 +528,9 @@ def _safetensors_problem(path: Path) -> str | None:
             if size < 8 + header_length:
                 return f"{path.name} is truncated ({size} bytes, its header alone needs {8 + header_length})"
             header = json.loads(handle.read(header_length))
-    except (OSError, ValueError) as error:
+        data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError) as error:
         return f"{path.name} has an unreadable header ({type(error).__name__})"
-    data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if size < 8 + header_length + data_end:
         return f"{path.name} is truncated ({size} of {8 + header_length + data_end} bytes)"
     return None
