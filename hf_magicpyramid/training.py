@@ -16,15 +16,24 @@
      freeze the backbone and its head (bit-identical) and train only the exit heads. `"joint"` trains every exit with the
      backbone in stage 3 already, so stage 4 is skipped.
 
-  A stage whose folder holds `stage.json` is complete and skipped; a stage interrupted after a Trainer checkpoint resumes
-  from its last checkpoint. The final model and tokenizer are saved at the root of `output_dir`, loadable with
-  `AutoModelForSequenceClassification.from_pretrained(output_dir)` after `import hf_magicpyramid`.
+  Before any training, the final model's config is built (a bad option fails in the first seconds) and each stage's
+  fingerprint is computed: the backbone's config and weights, the labels, a hash of the tokenized data, and the settings
+  that change that stage's result or an earlier one's (not logging or checkpoint cadence). A stage folder records its
+  fingerprint in `fingerprint.json` before it trains; a rerun whose fingerprints differ from what `output_dir` holds is
+  refused, naming what differs (`overwrite_output_dir=True` removes the recipe's own outputs and retrains; other files
+  are kept). A stage whose folder holds `stage.json` is complete and skipped; an interrupted stage resumes from its last
+  complete Trainer checkpoint (partial ones are skipped and said so). Each stage seeds from `seed` and its index, so a
+  resumed run gives the same weights as an uninterrupted one. The final model and tokenizer are saved at the root of
+  `output_dir` (its summary written last), loadable with `AutoModelForSequenceClassification.from_pretrained(output_dir)`
+  after `import hf_magicpyramid`.
 
 Runs unchanged under `torchrun --nproc_per_node N` (CPU: gloo backend, chosen only when WORLD_SIZE > 1).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import shutil
@@ -45,11 +54,11 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import RecipeSettings
-from .configuration_magic_pyramid import exact_speed
+from .configuration_magic_pyramid import MagicPyramidConfig, exact_speed
 from .data import infer_labels, label_names_of, load_named_dataset, load_text_files, prepare_dataset
 from .exits import task_loss
 from .modeling_magic_pyramid import MagicPyramidForSequenceClassification
@@ -333,6 +342,342 @@ def _training_args(output_dir: Path, settings: RecipeSettings, epochs: float, le
     )
 
 
+# -- Trainer checkpoints: which ones are complete ------------------------------------------------------------------------
+# The Trainer (transformers 5.x `_save_checkpoint`) writes straight into `checkpoint-<step>/`, with no temporary name:
+# the weights (and tokenizer, training_args.bin) first, then optimizer.pt, scheduler.pt and rng_state*.pth, and
+# trainer_state.json last; only after that does it delete older checkpoints. A kill can therefore leave a newer,
+# partial folder beside the last complete one, and `get_last_checkpoint` (the highest number) would pick the partial one.
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is not whole (missing, truncated, unreadable header), or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is truncated ({size} bytes)"
+    try:
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if size < 8 + header_length:
+                return f"{path.name} is truncated ({size} bytes, its header alone needs {8 + header_length})"
+            header = json.loads(handle.read(header_length))
+        data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError) as error:
+        return f"{path.name} has an unreadable header ({type(error).__name__})"
+    if size < 8 + header_length + data_end:
+        return f"{path.name} is truncated ({size} of {8 + header_length + data_end} bytes)"
+    return None
+
+
+def checkpoint_problem(checkpoint) -> str | None:
+    """Why a Trainer checkpoint folder is not complete, or None when it is.
+
+    Complete: `trainer_state.json` (written last) is valid JSON and names this folder's step, the optimizer, scheduler
+    and RNG states are there, and every weights file (`model.safetensors`, or the shards of its index) is whole.
+    """
+    checkpoint = Path(checkpoint)
+    state_file = checkpoint / "trainer_state.json"
+    if not state_file.is_file():
+        return "no trainer_state.json (the Trainer writes it last)"
+    try:
+        step = json.loads(state_file.read_text()).get("global_step")
+    except ValueError:
+        return "trainer_state.json is truncated"
+    if str(step) != checkpoint.name.rsplit("-", 1)[-1]:
+        return f"trainer_state.json says step {step}"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    if not any(checkpoint.glob("rng_state*.pth")):
+        return "rng_state.pth is missing"
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError):
+            return "model.safetensors.index.json is unreadable"
+    else:
+        shards = ["model.safetensors"]
+    for shard in shards:
+        problem = _safetensors_problem(checkpoint / shard)
+        if problem:
+            return problem
+    return None
+
+
+def _resume_checkpoint(checkpoints: Path, name: str, log) -> str | None:
+    """The newest complete checkpoint in `checkpoints/` (None: start the stage afresh). Partial ones are logged and
+    removed: left there, the Trainer's rotation (save_total_limit=1) could keep a partial one and delete the complete."""
+    if not checkpoints.is_dir():
+        return None
+    found = []
+    for path in checkpoints.iterdir():
+        step = path.name[len("checkpoint-"):]
+        if path.is_dir() and path.name.startswith("checkpoint-") and step.isdigit():
+            found.append((int(step), path))
+    resume, partial = None, []
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            resume = path
+            break
+        log(f"[{name}] skipping the partial checkpoint {path.name}: {problem}")
+        partial.append(path)
+    barrier()  # every process has read the folder before the main one changes it
+    if is_main_process():
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True)
+    barrier()
+    return str(resume) if resume is not None else None
+
+
+# -- Fingerprints: what each stage's result depends on -------------------------------------------------------------------
+
+FINGERPRINT_FILE = "fingerprint.json"
+FINAL_STAGING = ".final_model.partial"  # the root model is written here first, then moved into place
+# The first stage whose result each setting changes (every later stage depends on it too); None: no stage's result
+# (logging, checkpoint cadence, progress bars, evaluation batching). A setting not named here counts from stage 1:
+# at worst it invalidates too much, never too little.
+_FIRST_STAGE_OF_SETTING: dict[str, int | None] = {
+    "eval_batch_size": None, "save_steps": None, "logging_steps": None, "keep_checkpoints": None, "disable_tqdm": None,
+    "pruning_epochs": 2, "threshold_learning_rate": 2, "token_pruning": 2, "exit_objective": 2, "exit_pooling": 2,
+    "exit_criterion": 2, "pruning_penalty": 2, "keep_ratios": 2, "pyramid_options": 2, "distillation_alpha": 2,
+    "teacher_temperature": 2,
+    "pruned_finetune_epochs": 3,
+    "exit_epochs": 4, "exit_learning_rate": 4,
+}
+_INPUT_DESCRIPTIONS = {
+    "backbone": "the backbone (its config or weights)",
+    "train_data_sha256": "the tokenized training data (other rows, labels, tokenizer, max_length or max_train_samples)",
+    "eval_data_sha256": "the tokenized validation data (other rows, labels, tokenizer, max_length or max_eval_samples)",
+}
+
+
+def _json_value(value):
+    """`value` as it reads back from JSON (tuples become lists, keys strings), so recorded and current compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _sha256_of_tensors(state_dict: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def backbone_identity(backbone, stock_config) -> dict:
+    """What identifies the backbone's content: its config, and its weights (a model instance or a local folder: a
+    SHA-256 of the tensors or weight files; a Hub id: the resolved revision). Its path or name is not part of it."""
+    config = {k: v for k, v in stock_config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    identity = {"config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()}
+    if isinstance(backbone, nn.Module):
+        identity["weights_sha256"] = _sha256_of_tensors(backbone.state_dict())
+    elif Path(backbone).is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(p for p in Path(backbone).iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth")):
+            digest.update(path.name.encode())
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        identity["weights_sha256"] = digest.hexdigest()
+    else:
+        identity["revision"] = getattr(stock_config, "_commit_hash", None)
+    return identity
+
+
+def dataset_digest(dataset) -> str | None:
+    """SHA-256 of a tokenized dataset's rows (every column, in order); None for no dataset."""
+    if dataset is None:
+        return None
+    import pyarrow as pa
+
+    table = dataset.with_format("arrow")[:]  # the rows as selected (an indices mapping applied)
+    digest = hashlib.sha256(f"rows={table.num_rows}".encode())
+    for name in sorted(table.column_names):
+        column = table.column(name).combine_chunks()
+        digest.update(f"{name}:{column.type}".encode())
+        while pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            digest.update(column.value_lengths().to_numpy(zero_copy_only=False).tobytes())
+            column = column.flatten()
+        digest.update(column.to_numpy(zero_copy_only=False).tobytes())
+    return digest.hexdigest()
+
+
+def stage_fingerprints(identity: dict, labels: list[str], train_data, eval_data, settings, pyramid_options: dict) -> list[dict]:
+    """One fingerprint per stage (in `STAGE_FOLDERS` order): the inputs and settings that its result depends on,
+    its own and every earlier stage's. The last one is the whole run's."""
+    common = {
+        "backbone": identity,
+        "labels": list(labels),
+        "train_data_sha256": dataset_digest(train_data),
+        "eval_data_sha256": dataset_digest(eval_data),
+    }
+    values = asdict(settings)
+    fingerprints = []
+    for stage in range(1, len(STAGE_FOLDERS) + 1):
+        relevant = {}
+        for name, value in values.items():
+            first = _FIRST_STAGE_OF_SETTING.get(name, 1)
+            if first is not None and first <= stage:
+                relevant[name] = value
+        fingerprint = dict(common, settings=relevant)
+        if stage >= 2:  # every pyramid stage builds (or loads) the config these options make
+            fingerprint["pyramid_options"] = pyramid_options
+        fingerprints.append(_json_value(fingerprint))
+    return fingerprints
+
+
+def _fingerprint_record(fingerprint: dict, backbone_name: str) -> dict:
+    """What `fingerprint.json` holds: the compared inputs, and (not compared) the backbone's name and the versions."""
+    import transformers
+
+    from . import __version__
+
+    versions = {"hf_magicpyramid": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    return {"inputs": fingerprint, "backbone_name": backbone_name, "written_by": versions}
+
+
+def fingerprint_differences(recorded: dict, current: dict) -> list[str]:
+    """What differs between a recorded fingerprint and the current one, one readable item each."""
+    differences = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key), current.get(key)
+        if old == new:
+            continue
+        if key in ("settings", "pyramid_options") and isinstance(old, dict) and isinstance(new, dict):
+            for name in sorted(set(old) | set(new)):
+                if old.get(name) != new.get(name):
+                    differences.append(f"{name} was {old.get(name, '<unset>')!r}, is {new.get(name, '<unset>')!r}")
+        elif key == "labels":
+            differences.append(f"labels were {old}, are {new}")
+        else:
+            differences.append(f"{_INPUT_DESCRIPTIONS.get(key, key)} differs")
+    return differences
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(temporary, path)
+
+
+# -- The output folder: what in it is ours, and whether it matches this run -----------------------------------------------
+
+# Root files that hold a model: finding one that no summary of ours accounts for means the folder holds someone's model.
+_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "tokenizer_config.json")
+
+
+def _recorded_summary(output_dir: Path) -> tuple[dict | None, str]:
+    """The summary of the root model (complete, or its interrupted save in the staging folder) and where it was read."""
+    for path in (output_dir / SUMMARY_FILE, output_dir / FINAL_STAGING / SUMMARY_FILE):
+        if path.is_file():
+            return _read_json(path) or {}, str(path.relative_to(output_dir))
+    return None, ""
+
+
+def _output_dir_conflicts(output_dir: Path, fingerprints: list[dict]) -> tuple[list[str], list[str]]:
+    """(differences, where) between what `output_dir` holds and this run; empty lists when it can be resumed."""
+    differences: list[str] = []
+    where: list[str] = []
+
+    def add(items: list[str], location: str) -> None:
+        differences.extend(item for item in items if item not in differences)
+        where.append(location)
+
+    for folder, fingerprint in zip(STAGE_FOLDERS, fingerprints):
+        stage_dir = output_dir / folder
+        if not stage_dir.is_dir() or not any(stage_dir.iterdir()):
+            continue
+        record = _read_json(stage_dir / FINGERPRINT_FILE)
+        if record is None or "inputs" not in record:
+            add([f"{folder}/ has no readable {FINGERPRINT_FILE} (written by an older version, or not by this recipe)"], folder)
+            continue
+        items = fingerprint_differences(record["inputs"], fingerprint)
+        if items:
+            add(items, folder)
+    summary, location = _recorded_summary(output_dir)
+    if summary is not None:
+        recorded = summary.get("fingerprint")
+        if recorded is None:
+            add([f"{location} has no fingerprint (written by an older version)"], location)
+        else:
+            items = fingerprint_differences(recorded, fingerprints[-1])
+            if items:
+                add(items, location)
+    else:
+        foreign = [name for name in _MODEL_FILES if (output_dir / name).is_file()]
+        if foreign:
+            add([f"it holds a model that this recipe did not write ({', '.join(foreign)})"], "the root")
+    return differences, where
+
+
+def _remove_recipe_outputs(output_dir: Path, log) -> None:
+    """`overwrite_output_dir`: remove what this recipe (and `sweep`) wrote in `output_dir`, and nothing else: the stage
+    folders, the staging folder, the root files listed in its summary, the summary and the calibration files."""
+    from .calibration import CALIBRATION_JSON, CALIBRATION_PNG
+
+    summary, _ = _recorded_summary(output_dir)
+    names = list((summary or {}).get("root_files", [])) + [SUMMARY_FILE, CALIBRATION_JSON, CALIBRATION_PNG]
+    removed = []
+    if is_main_process():
+        for folder in (*STAGE_FOLDERS, FINAL_STAGING):
+            if (output_dir / folder).is_dir():
+                shutil.rmtree(output_dir / folder)
+                removed.append(folder + "/")
+        for name in dict.fromkeys(names):
+            path = output_dir / name
+            if "/" not in name and path.is_file():
+                path.unlink()
+                removed.append(name)
+    barrier()
+    if removed:
+        log(f"overwrite_output_dir: removed {', '.join(removed)} from {output_dir}; anything else there is kept")
+
+
+def _save_final(final, tokenizer, summary: dict, output_dir: Path) -> None:
+    """Write the final model, tokenizer and summary at the root so that an interruption never leaves a state a rerun
+    trusts: everything goes to a staging folder first (its summary included), then each file is moved into place
+    (os.replace: a file is either the old one or the whole new one), the summary last. A root summary therefore always
+    describes the complete model beside it; a rerun that finds the staging folder redoes the save."""
+    if is_main_process():
+        staging = output_dir / FINAL_STAGING
+        if staging.exists():
+            shutil.rmtree(staging)
+        final.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        summary["root_files"] = sorted(p.name for p in staging.iterdir() if p.is_file())
+        _write_json_atomically(staging / SUMMARY_FILE, summary)
+        (output_dir / SUMMARY_FILE).unlink(missing_ok=True)  # from here on the root is in between: no summary
+        for name in summary["root_files"]:
+            os.replace(staging / name, output_dir / name)
+        os.replace(staging / SUMMARY_FILE, output_dir / SUMMARY_FILE)
+        shutil.rmtree(staging)
+    barrier()
+
+
+def _completed_run(output_dir: Path, fingerprint: dict) -> dict | None:
+    """The summary of a finished run of this very fingerprint whose root files are all there, else None."""
+    summary = _read_json(output_dir / SUMMARY_FILE)
+    if not summary or summary.get("fingerprint") != fingerprint or "root_files" not in summary:
+        return None
+    if (output_dir / FINAL_STAGING).exists() or not all((output_dir / name).is_file() for name in summary["root_files"]):
+        return None
+    return summary
+
+
+# -- Stages ---------------------------------------------------------------------------------------------------------------
+
+
 def _stage_complete(stage_dir: Path) -> bool:
     return (stage_dir / STAGE_MARKER).is_file()
 
@@ -341,13 +686,15 @@ def _read_marker(stage_dir: Path) -> dict:
     return json.loads((stage_dir / STAGE_MARKER).read_text())
 
 
-def _finished_stage(name: str, stage_dir: Path, skip_reason: str | None, log) -> dict | None:
+def _finished_stage(name: str, stage_dir: Path, skip_reason: str | None, log, settings=None) -> dict | None:
     """The info of a stage that needs no run (skipped for `skip_reason`, or already complete); None when it must run."""
     if skip_reason is not None:
         log(f"[{name}] skipped: {skip_reason}")
         return {"stage": name, "status": "skipped", "reason": skip_reason}
     if _stage_complete(stage_dir):
         log(f"[{name}] already complete, skipped")
+        if settings is not None and not settings.keep_checkpoints and is_main_process():
+            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # left over by a kill just after the marker
         return _read_marker(stage_dir)
     return None
 
@@ -355,10 +702,15 @@ def _finished_stage(name: str, stage_dir: Path, skip_reason: str | None, log) ->
 def _write_marker(stage_dir: Path, info: dict) -> None:
     if is_main_process():
         stage_dir.mkdir(parents=True, exist_ok=True)
-        temporary = stage_dir / (STAGE_MARKER + ".tmp")
-        temporary.write_text(json.dumps(info, indent=2, default=str))
-        os.replace(temporary, stage_dir / STAGE_MARKER)
+        _write_json_atomically(stage_dir / STAGE_MARKER, info)
     barrier()
+
+
+def _seed_stage(settings: RecipeSettings, name: str) -> None:
+    """Seed what builds a stage's model (new exit heads, a new classifier head) from the settings' seed and the stage
+    alone, so that a stage's result never depends on what ran before it in the same process: a resumed run, which
+    skips the complete stages, then gives the same weights bit for bit as one that ran through."""
+    set_seed(settings.seed + STAGE_FOLDERS.index(name))
 
 
 def _run_stage(
@@ -376,10 +728,16 @@ def _run_stage(
     threshold_learning_rate: float | None = None,
     log=print,
     callbacks=None,
+    fingerprint: dict | None = None,
 ) -> dict:
-    """Train one stage (resuming from its last Trainer checkpoint), evaluate, save `stage_dir/model`, write the marker."""
+    """Record the stage's fingerprint, train it (resuming from its last complete Trainer checkpoint), evaluate, save
+    `stage_dir/model`, write the marker, then drop the checkpoints."""
+    if fingerprint is not None and is_main_process():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(stage_dir / FINGERPRINT_FILE, fingerprint)  # first: what follows belongs to these inputs
+    barrier()
     checkpoints = stage_dir / "checkpoints"
-    resume = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    resume = _resume_checkpoint(checkpoints, name, log)
     if resume:
         log(f"[{name}] resuming from {resume}")
     args = _training_args(checkpoints, settings, epochs, learning_rate)
@@ -403,8 +761,6 @@ def _run_stage(
     train_seconds = time.perf_counter() - start
     metrics = trainer.evaluate() if eval_dataset is not None else {}
     trainer.save_model(str(stage_dir / "model"))
-    if is_main_process() and not settings.keep_checkpoints and checkpoints.is_dir():
-        shutil.rmtree(checkpoints, ignore_errors=True)
     info = {
         "stage": name,
         "status": "trained",
@@ -414,7 +770,9 @@ def _run_stage(
         "eval_accuracy": metrics.get("eval_accuracy"),
         "model": "model",
     }
-    _write_marker(stage_dir, info)
+    _write_marker(stage_dir, info)  # after the model: a marker always means a whole model
+    if is_main_process() and not settings.keep_checkpoints and checkpoints.is_dir():
+        shutil.rmtree(checkpoints, ignore_errors=True)  # after the marker: a kill in between loses no work
     log(f"[{name}] done in {train_seconds:.0f}s: eval accuracy {info['eval_accuracy']}")
     return info
 
@@ -433,6 +791,21 @@ def _labels_match(model_labels: list[str], data_labels: list[str]) -> bool:
     return model_labels == [f"LABEL_{i}" for i in range(len(data_labels))] and data_labels == [str(i) for i in range(len(data_labels))]
 
 
+def check_pyramid_config(stock_config, id2label: dict, label2id: dict, pyramid_options: dict) -> MagicPyramidConfig:
+    """Build the final model's config (the stock config with the dataset's labels, plus the pyramid options) and the
+    model's modules on the meta device (no memory, no weights), so that a bad option is refused before any training.
+    Raises the `ValueError` the config or the model would raise after stage 1."""
+    backbone_config = copy.deepcopy(stock_config)
+    backbone_config.id2label = dict(id2label)
+    backbone_config.label2id = dict(label2id)
+    config = MagicPyramidConfig(
+        backbone_config=backbone_config, id2label=dict(id2label), label2id=dict(label2id), **pyramid_options
+    )
+    with torch.device("meta"):
+        MagicPyramidForSequenceClassification(config)
+    return config
+
+
 def train_magic_pyramid(
     backbone,
     train_dataset,
@@ -445,6 +818,7 @@ def train_magic_pyramid(
     label_column: str = "label",
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    overwrite_output_dir: bool = False,
     log=print,
     callbacks=None,
     **settings_kwargs,
@@ -457,7 +831,10 @@ def train_magic_pyramid(
         train_dataset, eval_dataset: `datasets.Dataset`s with a text column (and optional text-pair column) and a label
             column (ClassLabel, int or str). The label set is read from the training data.
         output_dir: receives one subfolder per stage and, at its root, the final model, tokenizer and
-            `training_summary.json`.
+            `training_summary.json`. A rerun into it resumes only when it holds a run of the same inputs and settings
+            (each stage's `fingerprint.json`); otherwise it raises `ValueError` naming what differs.
+        overwrite_output_dir: retrain from scratch: first remove what this recipe wrote in `output_dir` (its stage
+            folders, the root files its summary lists, the summary and calibration files). Other files are kept.
         log: where progress lines go (default `print`). callbacks: `TrainerCallback`s added to every stage's Trainer.
         **settings_kwargs: fields of `RecipeSettings` (epochs, learning rates, `token_pruning`, `exit_objective`,
             `exit_pooling`, `pyramid_options` (more `MagicPyramidConfig` fields), ...).
@@ -466,10 +843,10 @@ def train_magic_pyramid(
     """
     settings = RecipeSettings(**settings_kwargs)
     output_dir = Path(output_dir)
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
     backbone = resolve_backbone(backbone) if isinstance(backbone, str) else backbone
     backbone_id = backbone if isinstance(backbone, (str, os.PathLike)) else getattr(backbone, "name_or_path", "<model>")
+    if isinstance(backbone, (str, os.PathLike)) and Path(backbone).is_dir() and Path(backbone).resolve() == output_dir.resolve():
+        raise ValueError(f"output_dir {str(output_dir)!r} is the backbone's own folder: choose another --output-dir (the recipe writes its model there).")
     if tokenizer is None:
         if not isinstance(backbone, (str, os.PathLike)):
             raise ValueError("A backbone given as a model instance needs its tokenizer: pass tokenizer=...")
@@ -491,15 +868,6 @@ def train_magic_pyramid(
             label2id = {str(i): i for i in range(len(label_names))}
     id2label = {i: name for name, i in label2id.items()}
 
-    common = dict(
-        text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
-        max_length=settings.max_length, seed=settings.seed,
-    )
-    train_data = prepare_dataset(train_dataset, tokenizer, label2id, split="train", max_samples=max_train_samples, **common)
-    eval_data = None
-    if eval_dataset is not None:
-        eval_data = prepare_dataset(eval_dataset, tokenizer, label2id, split="validation", max_samples=max_eval_samples, **common)
-
     exit_pooling = settings.exit_pooling or ("mean" if is_sentence_embedding_model(backbone) else "cls")
     pyramid_options = dict(
         exit_objective=settings.exit_objective,
@@ -512,6 +880,41 @@ def train_magic_pyramid(
         pyramid_options["pruning_penalty"] = settings.pruning_penalty
     if settings.keep_ratios is not None:
         pyramid_options["keep_ratios"] = settings.keep_ratios
+    # The whole model configuration is checked now, in the first seconds, not when stage 2 or 3 builds it.
+    check_pyramid_config(stock_config, id2label, label2id, pyramid_options)
+
+    common = dict(
+        text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+        max_length=settings.max_length, seed=settings.seed,
+    )
+    train_data = prepare_dataset(train_dataset, tokenizer, label2id, split="train", max_samples=max_train_samples, **common)
+    eval_data = None
+    if eval_dataset is not None:
+        eval_data = prepare_dataset(eval_dataset, tokenizer, label2id, split="validation", max_samples=max_eval_samples, **common)
+
+    # What each stage depends on; what the output folder holds must match it (or be removed, when asked to).
+    labels_in_id_order = [id2label[i] for i in range(len(id2label))]
+    fingerprints = stage_fingerprints(
+        backbone_identity(backbone, stock_config), labels_in_id_order, train_data, eval_data, settings, pyramid_options
+    )
+    if overwrite_output_dir:
+        _remove_recipe_outputs(output_dir, log)
+    else:
+        differences, where = _output_dir_conflicts(output_dir, fingerprints)
+        if differences:
+            raise ValueError(
+                f"{output_dir} holds another run ({'; '.join(differences)}; in {', '.join(where)}): pass "
+                "--overwrite-output-dir (overwrite_output_dir=True) to retrain there from scratch, or choose another --output-dir."
+            )
+        finished = _completed_run(output_dir, fingerprints[-1])
+        if finished is not None:
+            log(f"{output_dir} already holds this run's final model (same inputs and settings): nothing to train")
+            return finished
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    records = [_fingerprint_record(fingerprint, str(backbone_id)) for fingerprint in fingerprints]
+
     summary: dict[str, Any] = {
         "backbone": str(backbone_id),
         "labels": label_names,
@@ -522,7 +925,6 @@ def train_magic_pyramid(
         "stages": {},
     }
     stage_dirs = [output_dir / folder for folder in STAGE_FOLDERS]
-    torch.manual_seed(settings.seed)
 
     # Stage 1: the stock model, fine-tuned.
     stage1 = stage_dirs[0]
@@ -532,19 +934,23 @@ def train_magic_pyramid(
         summary["stock_model"] = str(backbone_id)
         log(f"[{STAGE_FOLDERS[0]}] skipped: {info['reason']}")
     elif _stage_complete(stage1):
-        info = _read_marker(stage1)
+        info = _finished_stage(STAGE_FOLDERS[0], stage1, None, lambda *_: None, settings)
         stock_path = str(stage1 / "model")
         summary["stock_model"] = str(Path(STAGE_FOLDERS[0]) / "model")
         log(f"[{STAGE_FOLDERS[0]}] already complete, skipped ({stage1})")
     else:
+        _seed_stage(settings, STAGE_FOLDERS[0])
         if isinstance(backbone, PreTrainedModel):
-            stock = backbone
+            stock = copy.deepcopy(backbone)  # the caller's model stays as given (its weights are in the fingerprint)
         else:
             stock = AutoModelForSequenceClassification.from_pretrained(
                 backbone, num_labels=len(label2id), id2label=id2label, label2id=label2id,
                 ignore_mismatched_sizes=fine_tuned is not None,
             )
-        info = _run_stage(STAGE_FOLDERS[0], stage1, stock, tokenizer, train_data, eval_data, settings, settings.epochs, settings.learning_rate, log=log, callbacks=callbacks)
+        info = _run_stage(
+            STAGE_FOLDERS[0], stage1, stock, tokenizer, train_data, eval_data, settings, settings.epochs,
+            settings.learning_rate, log=log, callbacks=callbacks, fingerprint=records[0],
+        )
         stock_path = str(stage1 / "model")
         summary["stock_model"] = str(Path(STAGE_FOLDERS[0]) / "model")
         del stock
@@ -574,15 +980,16 @@ def train_magic_pyramid(
     # Stage 2: learn the pruning (LTP soft phase) — threshold pruning only.
     stage2 = stage_dirs[1]
     skip = None if settings.token_pruning == "threshold" else f"token_pruning={settings.token_pruning!r} has nothing to learn"
-    info = _finished_stage(STAGE_FOLDERS[1], stage2, skip, log)
+    info = _finished_stage(STAGE_FOLDERS[1], stage2, skip, log, settings)
     if info is None:
+        _seed_stage(settings, STAGE_FOLDERS[1])
         model = load_pyramid(None)
         model.pruning_phase = "soft"
         model.train_stage = 1
         info = _run_stage(
             STAGE_FOLDERS[1], stage2, model, tokenizer, train_data, eval_data, settings, settings.pruning_epochs,
             settings.learning_rate, freeze="none" if joint else "exits", teacher=teacher,
-            threshold_learning_rate=settings.threshold_learning_rate, log=log, callbacks=callbacks,
+            threshold_learning_rate=settings.threshold_learning_rate, log=log, callbacks=callbacks, fingerprint=records[1],
         )
         info["prune_thresholds"] = model.config.prune_thresholds
     if info["status"] != "skipped":
@@ -591,13 +998,15 @@ def train_magic_pyramid(
 
     # Stage 3: fine-tune with the pruning fixed (hard).
     stage3 = stage_dirs[2]
-    info = _finished_stage(STAGE_FOLDERS[2], stage3, "token_pruning='none'" if settings.token_pruning == "none" else None, log)
+    info = _finished_stage(STAGE_FOLDERS[2], stage3, "token_pruning='none'" if settings.token_pruning == "none" else None, log, settings)
     if info is None:
+        _seed_stage(settings, STAGE_FOLDERS[2])
         model = load_hard_pyramid(last_dir)
         model.train_stage = 1
         info = _run_stage(
             STAGE_FOLDERS[2], stage3, model, tokenizer, train_data, eval_data, settings, settings.pruned_finetune_epochs,
             settings.learning_rate, freeze="none" if joint else "exits", teacher=teacher, log=log, callbacks=callbacks,
+            fingerprint=records[2],
         )
     if info["status"] != "skipped":
         last_dir = stage3
@@ -607,13 +1016,15 @@ def train_magic_pyramid(
     # Stage 4: the exits.
     stage4 = stage_dirs[3]
     skip = "exit_objective='joint' trained the exits in stage 3" if joint and settings.token_pruning != "none" else None
-    info = _finished_stage(STAGE_FOLDERS[3], stage4, skip, log)
+    info = _finished_stage(STAGE_FOLDERS[3], stage4, skip, log, settings)
     if info is None:
+        _seed_stage(settings, STAGE_FOLDERS[3])
         model = load_hard_pyramid(last_dir)
         model.train_stage = 1 if joint else 2
         info = _run_stage(
             STAGE_FOLDERS[3], stage4, model, tokenizer, train_data, eval_data, settings, settings.exit_epochs,
-            settings.learning_rate if joint else settings.exit_learning_rate, freeze="none" if joint else "backbone", log=log, callbacks=callbacks,
+            settings.learning_rate if joint else settings.exit_learning_rate, freeze="none" if joint else "backbone",
+            log=log, callbacks=callbacks, fingerprint=records[3],
         )
     if info["status"] != "skipped":
         last_dir = stage4
@@ -625,13 +1036,10 @@ def train_magic_pyramid(
     final.train_stage = 1
     final.set_speed(**exact_speed(final.config))
     summary["default_speed"] = exact_speed(final.config)
-    if is_main_process():
-        final.save_pretrained(str(output_dir))
-        tokenizer.save_pretrained(str(output_dir))
-        summary["final_model"] = str(output_dir)
-        summary["eval_accuracy"] = summary["stages"][Path(last_dir).name].get("eval_accuracy")
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
-    barrier()
+    summary["final_model"] = str(output_dir)
+    summary["eval_accuracy"] = summary["stages"][Path(last_dir).name].get("eval_accuracy")
+    summary["fingerprint"] = fingerprints[-1]
+    _save_final(final, tokenizer, summary, output_dir)
     log(f"Final model saved to {output_dir}")
     return summary
 
@@ -648,4 +1056,5 @@ __all__ = [
     "apply_freeze",
     "distributed_kwargs",
     "soft_cross_entropy",
+    "checkpoint_problem",
 ]

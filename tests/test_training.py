@@ -285,6 +285,241 @@ def test_recipe_resumes_an_interrupted_stage_and_skips_complete_ones(tmp_path, t
     assert model.config.prune_thresholds[1] > 0  # learned in the soft phase, saved in the config
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume trusts only what is whole and matching (issue 11.2); a bad option fails before any training (issue 16)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# 24 samples, batch 8: 3 steps a stage, a checkpoint at step 2. "topk" runs stages 1, 3 and 4.
+SMALL = dict(RECIPE, token_pruning="topk")
+
+
+def small_data(names=("neg", "pos"), seed: int = 0):
+    return toy_data(24, seed, names=names), toy_data(8, seed + 1, names=names)
+
+
+class InterruptAtStageStart(TrainerCallback):
+    """Stops the run when `stage` begins: the stages before it are complete, nothing of it is written."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.stage in args.output_dir:
+            raise _Interrupt()
+
+
+def final_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_dir):
+    """A recipe run that went through uninterrupted: (its folder, its summary)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    summary = train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lambda *_: None, **SMALL)
+    return out, summary
+
+
+def copy_of(finished_run, tmp_path) -> Path:
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run[0], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def complete_checkpoint(tmp_path_factory, tokenizer, encoded) -> Path:
+    """A real, complete Trainer checkpoint of a tiny pyramid (1 step)."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=8, max_steps=1, report_to="none",
+                             save_strategy="steps", save_steps=1, disable_tqdm=True)
+    MagicPyramidTrainer(model=tiny_pyramid(token_pruning="topk"), args=args, train_dataset=encoded, processing_class=tokenizer,
+                        data_collator=DataCollatorWithPadding(tokenizer)).train()
+    return folder / "checkpoint-1"
+
+
+def truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda c: (c / "trainer_state.json").unlink(), "no trainer_state.json"),
+        (lambda c: truncate(c / "trainer_state.json", 20), "trainer_state.json is truncated"),
+        (lambda c: (c / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+        (lambda c: truncate(c / "model.safetensors", (c / "model.safetensors").stat().st_size - 1), "model.safetensors is truncated"),
+        (lambda c: truncate(c / "model.safetensors", 100), "model.safetensors is truncated"),
+        (lambda c: truncate(c / "model.safetensors", 3), "model.safetensors is truncated (3 bytes)"),
+        (lambda c: (c / "model.safetensors").write_bytes((4).to_bytes(8, "little") + b"{no}"), "model.safetensors has an unreadable header"),
+        (lambda c: (c / "model.safetensors").unlink(), "model.safetensors is missing"),
+    ],
+)
+def test_checkpoint_problem_names_what_is_partial(tmp_path, complete_checkpoint, damage, problem):
+    import shutil
+
+    from hf_magicpyramid.training import checkpoint_problem
+
+    assert checkpoint_problem(complete_checkpoint) is None
+    damaged = tmp_path / "checkpoint-1"
+    shutil.copytree(complete_checkpoint, damaged)
+    damage(damaged)
+    assert problem in checkpoint_problem(damaged)
+
+
+@pytest.mark.slow
+def test_resume_skips_partial_checkpoints_and_equals_an_uninterrupted_run(tmp_path, tiny_dir, finished_run):
+    """Killed after stage 1, then during stage 4 beside a partial newer checkpoint: the resumed run's final weights equal
+    the uninterrupted run's bit for bit."""
+    import shutil
+
+    out = tmp_path / "run"
+    with pytest.raises(_Interrupt):  # stage 1 complete; stage 3 (where the exit heads are made) not begun
+        train_magic_pyramid(str(tiny_dir), *small_data(), out, callbacks=[InterruptAtStageStart("stage3")], log=lambda *_: None, **SMALL)
+    assert (out / "stage1_finetune" / "stage.json").is_file()
+    stage3 = out / "stage3_pruned_finetune"
+    assert not (stage3 / "stage.json").exists() and not any(stage3.glob("checkpoints/checkpoint-*"))
+    with pytest.raises(_Interrupt):  # stage 3 complete; stage 4 stopped at step 3 with checkpoint-2 written
+        train_magic_pyramid(str(tiny_dir), *small_data(), out, callbacks=[InterruptInStage("stage4", 3)], log=lambda *_: None, **SMALL)
+    checkpoints = out / "stage4_exits" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]
+    # A kill while writing checkpoint-3 (no trainer_state.json yet) and a torn checkpoint-4 (weights cut short).
+    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-3")
+    (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()
+    shutil.copytree(checkpoints / "checkpoint-2", checkpoints / "checkpoint-4")
+    state = json.loads((checkpoints / "checkpoint-4" / "trainer_state.json").read_text())
+    (checkpoints / "checkpoint-4" / "trainer_state.json").write_text(json.dumps(dict(state, global_step=4)))
+    truncate(checkpoints / "checkpoint-4" / "model.safetensors", 1000)
+
+    lines: list[str] = []
+    summary = train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lines.append, **SMALL)
+    assert any("skipping the partial checkpoint checkpoint-4: model.safetensors is truncated" in line for line in lines)
+    assert any("skipping the partial checkpoint checkpoint-3: no trainer_state.json" in line for line in lines)
+    assert any("stage4_exits] resuming from" in line and line.endswith("checkpoint-2") for line in lines)
+    assert summary["stages"]["stage4_exits"]["global_steps"] == 3
+    expected, resumed = final_weights(finished_run[0]), final_weights(out)
+    assert expected.keys() == resumed.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, resumed[name]), f"{name} differs from the uninterrupted run"
+
+
+def test_rerun_that_changes_no_result_reuses_the_run(tmp_path, tiny_dir, finished_run):
+    out = copy_of(finished_run, tmp_path)
+    weights = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    lines: list[str] = []
+    summary = train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lines.append,
+                                  **dict(SMALL, logging_steps=1, save_steps=7, keep_checkpoints=True, disable_tqdm=False, eval_batch_size=3))
+    assert any("nothing to train" in line for line in lines), lines
+    assert summary["fingerprint"] == finished_run[1]["fingerprint"]
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == weights
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(names=("bad", "good")), r"labels were \['neg', 'pos'\], are \['bad', 'good'\]"),
+        (dict(seed=5), r"the tokenized training data .* differs"),
+        (dict(exit_epochs=2), r"exit_epochs was 1, is 2; in stage4_exits, training_summary.json"),
+        (dict(learning_rate=2e-3), r"learning_rate was 0.001, is 0.002; in stage1_finetune, stage3_pruned_finetune, stage4_exits"),
+        (dict(keep_ratios=[1.0, 1.0, 0.9, 0.8]), r"keep_ratios was None, is \[1.0, 1.0, 0.9, 0.8\]"),
+        (dict(legacy=True), r"stage1_finetune/ has no readable fingerprint.json .*older version"),
+    ],
+)
+def test_rerun_with_other_inputs_is_refused_and_touches_nothing(tmp_path, tiny_dir, finished_run, change, message):
+    out = copy_of(finished_run, tmp_path)
+    change = dict(change)
+    if change.pop("legacy", False):
+        (out / "stage1_finetune" / "fingerprint.json").unlink()
+    data = small_data(names=change.pop("names", ("neg", "pos")), seed=change.pop("seed", 0))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(ValueError, match=message) as error:
+        train_magic_pyramid(str(tiny_dir), *data, out, log=lambda *_: None, **dict(SMALL, **change))
+    assert "--overwrite-output-dir" in str(error.value) and "\n" not in str(error.value)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_output_dir_holding_someone_elses_model_is_refused(tmp_path, tiny_dir):
+    out = tmp_path / "mine"
+    tiny_stock("bert", num_labels=2).save_pretrained(str(out))
+    with pytest.raises(ValueError, match=r"holds a model that this recipe did not write \(config.json, model.safetensors\).*--overwrite-output-dir"):
+        train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lambda *_: None, **SMALL)
+    with pytest.raises(ValueError, match="the backbone's own folder"):
+        train_magic_pyramid(str(tiny_dir), *small_data(), tiny_dir, log=lambda *_: None, **SMALL)
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_retrains_and_keeps_the_users_files(tmp_path, tiny_dir, finished_run):
+    out = copy_of(finished_run, tmp_path)
+    (out / "notes.txt").write_text("mine")
+    (out / "plots").mkdir()
+    (out / "plots" / "loss.png").write_bytes(b"png")
+    (out / "calibration.json").write_text("{}")  # the old model's calibration: it must not describe the new one
+    lines: list[str] = []
+    summary = train_magic_pyramid(str(tiny_dir), *small_data(names=("bad", "good")), out, overwrite_output_dir=True,
+                                  log=lines.append, **dict(SMALL, token_pruning="none"))  # stages 1 and 4 only: faster
+    assert any("overwrite_output_dir: removed" in line for line in lines)
+    assert any("stage1_finetune] done" in line for line in lines)  # retrained, not resumed
+    assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "loss.png").read_bytes() == b"png"
+    assert not (out / "calibration.json").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "bad", "1": "good"} and summary["labels"] == ["bad", "good"]
+    assert json.loads((out / "training_summary.json").read_text())["labels"] == ["bad", "good"]
+    assert "notes.txt" not in summary["root_files"] and "config.json" in summary["root_files"]
+
+
+def test_a_root_save_cut_short_is_redone(tmp_path, tiny_dir, finished_run):
+    """A kill while the final model is moved into place leaves no root summary: the rerun redoes the save from the
+    complete stages, and never reports the half-written root as done."""
+    import shutil
+
+    out = copy_of(finished_run, tmp_path)
+    staging = out / ".final_model.partial"
+    staging.mkdir()
+    shutil.copy(out / "training_summary.json", staging / "training_summary.json")
+    shutil.move(out / "model.safetensors", staging / "model.safetensors")  # not moved into place yet
+    (out / "training_summary.json").unlink()
+    lines: list[str] = []
+    train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lines.append, **SMALL)
+    assert not any("nothing to train" in line for line in lines)
+    assert sum("already complete" in line for line in lines) == 3 and not staging.exists()
+    assert json.loads((out / "training_summary.json").read_text())["fingerprint"] == finished_run[1]["fingerprint"]
+    expected = final_weights(finished_run[0])
+    assert all(torch.equal(value, final_weights(out)[name]) for name, value in expected.items())
+
+
+@pytest.mark.slow
+def test_a_model_instance_backbone_resumes_and_is_left_as_given(tmp_path, tiny_dir, tokenizer):
+    torch.manual_seed(0)
+    stock = AutoModelForSequenceClassification.from_pretrained(str(tiny_dir), num_labels=2)
+    before = snapshot(stock)
+    out = tmp_path / "run"
+    recipe = dict(SMALL, token_pruning="none")  # stages 1 and 4
+    with pytest.raises(_Interrupt):
+        train_magic_pyramid(stock, *small_data(), out, tokenizer=tokenizer, callbacks=[InterruptAtStageStart("stage4")],
+                            log=lambda *_: None, **recipe)
+    assert all(torch.equal(before[name], p) for name, p in stock.named_parameters()), "stage 1 trained the caller's model"
+    lines: list[str] = []
+    train_magic_pyramid(stock, *small_data(), out, tokenizer=tokenizer, log=lines.append, **recipe)
+    assert any("stage1_finetune] already complete" in line for line in lines)
+    assert any("stage4_exits] done" in line for line in lines)
+
+
+def test_bad_pyramid_option_is_refused_before_any_training(tmp_path, tiny_dir):
+    import time
+
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"keep_ratios has 2 entries; it needs one per layer \(4\)"):
+        train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lambda *_: None, **dict(SMALL, keep_ratios=[1.0, 0.5]))
+    with pytest.raises(ValueError, match=r"exit_layers contains 9"):
+        train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lambda *_: None, **dict(SMALL, pyramid_options={"exit_layers": [1, 9]}))
+    assert not out.exists(), "nothing may be written (nor trained) before the options are checked"
+    assert time.perf_counter() - start < 20
+
+
 @pytest.mark.slow
 def test_cli_train_then_sweep(tmp_path, tiny_dir):
     train_file, validation_file = tmp_path / "train.csv", tmp_path / "dev.csv"
