@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import os
 import re
 import threading
@@ -868,8 +869,6 @@ def _check_forward_kwargs(forward, kwargs: dict) -> None:
                     "it returns no per-layer attentions or hidden states (MagicPyramidModel gives the last hidden state)."
                 )
             continue
-        import inspect
-
         parameters = [p for p in inspect.signature(forward).parameters if p not in ("self", "kwargs")]
         raise TypeError(_unknown_option(name, parameters + list(_PASSED_BY_CALLERS + _NOT_PRODUCED), "forward()"))
 
