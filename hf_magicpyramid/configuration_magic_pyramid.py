@@ -89,9 +89,15 @@ class MagicPyramidConfig(PreTrainedConfig):
             Attention heads kept in each layer (a slenderized model). Defaults to the backbone's head count everywhere.
         ffn_per_layer (`list[int]`, *optional*):
             FFN (intermediate) neurons kept in each layer. Defaults to the backbone's intermediate size everywhere.
+        exits_trained (`bool`, *optional*):
+            Whether the intermediate exit heads have been trained: `False` after `from_backbone` (fresh heads), set to
+            `True` by the first training forward whose loss reaches them. `None` (configs that predate it) means unknown.
+            Only used to warn when untrained heads would let samples leave early.
     """
 
     model_type = "magic_pyramid"
+    # Outputs that are not predictions: the Trainer leaves them out of `EvalPrediction.predictions` (logits only, as stock).
+    keys_to_ignore_at_inference = ["exit_layer", "exit_logits", "kept_tokens", "flops", "pruning_loss"]
     sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert")}
 
     backbone_config: PreTrainedConfig | dict | None = None
@@ -114,6 +120,7 @@ class MagicPyramidConfig(PreTrainedConfig):
     pruning_penalty: float = 0.1
     heads_per_layer: list[int] | None = None
     ffn_per_layer: list[int] | None = None
+    exits_trained: bool | None = None
 
     def __post_init__(self, **kwargs):
         # Keep our own copy: transformers resets sub-configs' attention settings, which must not reach the caller's model.

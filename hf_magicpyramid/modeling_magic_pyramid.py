@@ -10,19 +10,33 @@ This file travels to the Hub as custom code: it imports only installed packages 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
+import os
+import re
+import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from .adapters import check_supported, driver_for
+from .adapters import ADAPTERS, check_supported, driver_for
 from .configuration_magic_pyramid import MagicPyramidConfig, check_pruning_knobs, check_speed
 from .flops import sample_flops
-from .exits import ExitHead, PatienceState, exit_decision, exit_objective_loss, exit_rule_can_fire, resolve_problem_type
+from .exits import (
+    ExitHead,
+    PatienceState,
+    exit_decision,
+    exit_objective_loss,
+    exit_rule_can_fire,
+    resolve_problem_type,
+    task_loss,
+)
 from .pruning import AttentionCapture, select_tokens, threshold_counts, topk_counts
 
 
@@ -140,20 +154,34 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict: every weight the model needs must be in the checkpoint, and every
+        checkpoint weight must be used. An edited `config.json` (another backbone type, layer count, hidden size, label
+        count or widths), a missing `config.json` or a damaged weights file is a `ValueError` that names the tensors and
+        what likely changed, instead of a model with freshly initialised weights and a load report.
+        `ignore_mismatched_sizes=True` keeps its stock meaning (re-initialise what does not fit, e.g. a new label count)."""
+        source = str(pretrained_model_name_or_path)
+        if not isinstance(kwargs.get("config"), PreTrainedConfig) and os.path.isdir(source):
+            config_file = os.path.join(source, kwargs.get("subfolder") or "", "config.json")
+            if not os.path.isfile(config_file):
+                raise ValueError(
+                    f"{source} has no config.json: a Magic Pyramid checkpoint needs the config.json it was saved with "
+                    "(save_pretrained writes it); copy it back, or pass config=... ."
+                )
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.get("ignore_mismatched_sizes", False)
+        kwargs["ignore_mismatched_sizes"] = True  # so the mismatched tensors can be named below; refused unless asked for
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except RuntimeError as error:
-            if "mismatched" not in str(error):
-                raise
-            config = kwargs.get("config")
-            if not isinstance(config, MagicPyramidConfig):
-                config = MagicPyramidConfig.from_pretrained(pretrained_model_name_or_path)
-            raise ValueError(
-                f"The weights in {pretrained_model_name_or_path!s} do not fit the per-layer widths in its config "
-                f"(heads_per_layer={config.heads_per_layer}, ffn_per_layer={config.ffn_per_layer}); the load report above "
-                "lists the tensors whose shapes differ. A slender checkpoint's config must hold the widths it was saved "
-                "with: save it with save_pretrained, and do not edit those fields by hand."
-            ) from error
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except Exception as error:
+            if type(error).__name__ == "SafetensorError" or "deserializing header" in str(error):
+                raise ValueError(
+                    f"The weights file in {source} is truncated or damaged ({error}); copy or download it again."
+                ) from error
+            raise
+        problem = _load_problem(model, source, info, ignore_mismatched)
+        if problem is not None:
+            raise ValueError(problem)
+        return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.sync_config()
@@ -185,7 +213,12 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
         """(attention heads, FFN neurons) of every layer as built."""
         return [self.driver.layer_widths(layer) for layer in self.layers]
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask) -> torch.Tensor:
+        """Validate the inputs once per call; returns the (batch, seq_len) long 0/1 attention mask the loop runs on.
+
+        Like the stock models, a bool or float mask is accepted when it holds only 0 and 1 (same logits as the long
+        mask); any other value is refused, since the stock models would read it as a soft mask that this loop cannot run.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
@@ -197,11 +230,19 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
             )
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         if attention_mask is None:
-            attention_mask = torch.ones(shape, dtype=torch.long, device=device)
-        elif attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(shape):
-            raise ValueError(
-                f"attention_mask must be a 2D (batch, seq_len) 0/1 tensor of shape {tuple(shape)}, got {tuple(attention_mask.shape)}."
-            )
+            return torch.ones(shape, dtype=torch.long, device=device)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or tuple(attention_mask.shape) != tuple(shape):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must be a 2D (batch, seq_len) 0/1 tensor of shape {tuple(shape)}, got {got}.")
+        if attention_mask.dtype != torch.long:
+            if attention_mask.dtype != torch.bool:
+                bad = (attention_mask != 0) & (attention_mask != 1)
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"attention_mask holds {attention_mask[bad][0].item()!r}: it must hold only 0 (padding) and 1 (real "
+                        f"token), as long, int, bool or float; soft masks are not supported."
+                    )
+            attention_mask = attention_mask.to(torch.long)
         return attention_mask
 
     def _pruning_plan(self, keep_ratio_scale, prune_threshold_offset):
@@ -232,8 +273,7 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
 
 def _hub_kwargs(kwargs: dict) -> dict:
     """The from_pretrained arguments that say where a config comes from."""
-    names = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
-    return {name: kwargs[name] for name in names if name in kwargs}
+    return {name: kwargs[name] for name in _HUB_OPTIONS if name in kwargs}
 
 
 class _Stream:
@@ -294,7 +334,8 @@ class _Stream:
     def drop_padding_columns(self):
         """Remove columns that are padding in every running row (e.g. after the longest sample exited)."""
         used = self.attention_mask.bool().any(dim=0)
-        if bool(used.all()) or self.rows.numel() == 0:
+        # No real token in any row (an all-padding batch): keep every column and run it as the stock model does.
+        if bool(used.all()) or self.rows.numel() == 0 or not bool(used.any()):
             self.ctx = None
             return
         columns = used.nonzero().squeeze(1)
@@ -322,12 +363,12 @@ def _run_encoder(
     prune_threshold_offset=None,
     on_layer=None,
 ):
-    """The shared layer loop. `on_layer(i, stream)` runs after layer i (0-based) and may remove rows; returns the stream
+    """The shared layer loop. `attention_mask` is the (batch, seq_len) long mask from `model._check_inputs` (the callers
+    check their inputs once). `on_layer(i, stream)` runs after layer i (0-based) and may remove rows; returns the stream
     and kept_tokens (batch, num_layers)."""
     config = model.config
     driver = model.driver
     base = model.base_encoder
-    attention_mask = model._check_inputs(input_ids, inputs_embeds, attention_mask)
     hidden = driver.embed(base, input_ids, token_type_ids, position_ids, inputs_embeds, attention_mask)
     stream = _Stream(model, hidden, attention_mask)
     batch = attention_mask.shape[0]
@@ -406,17 +447,36 @@ class MagicPyramidModel(MagicPyramidPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         keep_ratio_scale: float | None = None,
         prune_threshold_offset: float | None = None,
+        return_dict: bool | None = None,
         **kwargs,
     ) -> MagicPyramidModelOutput:
+        r"""
+        keep_ratio_scale, prune_threshold_offset:
+            Override the config's pruning speed for this call only (see `set_speed`).
+        kwargs:
+            Only what generic callers pass (`output_attentions` / `output_hidden_states` set to False, `use_cache`,
+            `num_items_in_batch`); anything else is a `TypeError` naming the closest argument.
+        """
+        _check_forward_kwargs(type(self).forward, kwargs)
+        speed = _resolve_speed(self.config, keep_ratio_scale=keep_ratio_scale, prune_threshold_offset=prune_threshold_offset)
+        attention_mask = self._check_inputs(input_ids, inputs_embeds, attention_mask)
         stream, kept_tokens = _run_encoder(
-            self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, keep_ratio_scale, prune_threshold_offset
+            self,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            speed.keep_ratio_scale,
+            speed.prune_threshold_offset,
         )
-        return MagicPyramidModelOutput(
+        output = MagicPyramidModelOutput(
             last_hidden_state=self.driver.finalize(self.base_encoder, stream.hidden),
             attention_mask=stream.attention_mask,
             token_positions=stream.positions,
             kept_tokens=kept_tokens,
         )
+        return output.to_tuple() if return_dict is False else output
 
 
 class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
@@ -463,16 +523,20 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         `exit_threshold` (entropy / confidence, in [0, 1], None = never exit early), `patience` (int >= 1, None = never),
         `keep_ratio_scale` (topk pruning, in [0, 10]: kept share = ratio ** scale, 0 = pruning off), `prune_threshold_offset` (threshold
         pruning, in [-1, 1]). Returns self.
+
+        Safe to call while other threads run forward: each forward reads the whole speed once when it starts, so a call
+        runs entirely at the old speed or entirely at the new one.
         """
         config = self.config
-        threshold = config.exit_threshold if exit_threshold is self._UNSET else exit_threshold
-        patience_value = config.patience if patience is self._UNSET else patience
-        scale = config.keep_ratio_scale if keep_ratio_scale is self._UNSET else keep_ratio_scale
-        offset = config.prune_threshold_offset if prune_threshold_offset is self._UNSET else prune_threshold_offset
-        check_speed(config.exit_criterion, threshold, patience_value)
-        check_pruning_knobs(scale, offset)
-        config.exit_threshold, config.patience = threshold, patience_value
-        config.keep_ratio_scale, config.prune_threshold_offset = scale, offset
+        with _SPEED_LOCK:  # a concurrent forward reads all four knobs before or after this change, never half of it
+            threshold = config.exit_threshold if exit_threshold is self._UNSET else exit_threshold
+            patience_value = config.patience if patience is self._UNSET else patience
+            scale = config.keep_ratio_scale if keep_ratio_scale is self._UNSET else keep_ratio_scale
+            offset = config.prune_threshold_offset if prune_threshold_offset is self._UNSET else prune_threshold_offset
+            check_speed(config.exit_criterion, threshold, patience_value)
+            check_pruning_knobs(scale, offset)
+            config.exit_threshold, config.patience = threshold, patience_value
+            config.keep_ratio_scale, config.prune_threshold_offset = scale, offset
         return self
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -502,7 +566,9 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
     ) -> MagicPyramidClassifierOutput:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, or float `(batch_size, num_labels)` for multi-label / regression):
-            When given, the loss of the configured `exit_objective` over every exit is returned.
+            With every exit's logits (training mode, or `output_all_exits=True`): the loss of the configured
+            `exit_objective` over every exit. Otherwise (evaluation, e.g. `Trainer.evaluate()`): the stock task loss of
+            the returned `logits`, i.e. each sample scored at the exit it took (the final head when no sample exits early).
         exit_threshold, patience, keep_ratio_scale, prune_threshold_offset:
             Override the config's speed for this call only (see `set_speed`).
         output_all_exits (`bool`, *optional*):
@@ -510,27 +576,38 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
             default in training mode) and for calibration. Otherwise samples leave the batch at their exit.
         output_flops (`bool`, defaults to `False`):
             Also return `flops`, each sample's analytic FLOPs (about 1 ms of bookkeeping per call, so off by default).
+        return_dict (`bool`, *optional*):
+            `False` returns the output's non-None fields as a tuple, as the stock models do.
+        kwargs:
+            Only what generic callers pass (`output_attentions` / `output_hidden_states` set to False, `use_cache`,
+            `num_items_in_batch`, which is not used: `accepts_loss_kwargs` is False); anything else is a `TypeError`
+            naming the closest argument.
         """
+        _check_forward_kwargs(type(self).forward, kwargs)
         config = self.config
-        threshold = config.exit_threshold if exit_threshold is None else exit_threshold
-        patience_value = config.patience if patience is None else patience
-        if exit_threshold is not None or patience is not None:
-            check_speed(config.exit_criterion, threshold, patience_value)
+        # The whole speed, read once: a concurrent `set_speed` takes effect at the next call, never inside this one.
+        speed = _resolve_speed(config, exit_threshold, patience, keep_ratio_scale, prune_threshold_offset)
+        threshold, patience_value = speed.exit_threshold, speed.patience
         all_exits = self.training if output_all_exits is None else output_all_exits
         problem_type = resolve_problem_type(config, labels)
         num_layers = config.num_hidden_layers
 
         attention_mask = self._check_inputs(input_ids, inputs_embeds, attention_mask)
-        reference = input_ids if input_ids is not None else inputs_embeds
-        batch = reference.shape[0]
-        device = reference.device
+        batch, device = attention_mask.shape[0], attention_mask.device
         logits_out = None
         exit_layer = torch.full((batch,), num_layers, dtype=torch.long, device=device)
         collected: list[torch.Tensor] = []
         patience_state = PatienceState(batch, device)
 
         # Intermediate heads whose rule can never hold are not run at all (a converted model before calibration).
-        heads_can_fire = all_exits or exit_rule_can_fire(config.exit_criterion, threshold, patience_value, problem_type)
+        rule_can_fire = exit_rule_can_fire(config.exit_criterion, threshold, patience_value, problem_type)
+        heads_can_fire = all_exits or rule_can_fire
+        if rule_can_fire and not all_exits and config.exits_trained is False and len(self.exit_layers) > 1:
+            logger.warning_once(
+                "The exit heads of this Magic Pyramid model were never trained (converted with from_backbone), yet the "
+                "speed lets samples leave early: they leave on random heads. Train the exits first (hf_magicpyramid "
+                "train, or a Trainer run), or keep exit_threshold=None / patience=None."
+            )
 
         def on_layer(i: int, stream: _Stream) -> bool:
             nonlocal logits_out
@@ -570,25 +647,27 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
             token_type_ids,
             position_ids,
             inputs_embeds,
-            keep_ratio_scale,
-            prune_threshold_offset,
+            speed.keep_ratio_scale,
+            speed.prune_threshold_offset,
             on_layer=on_layer,
         )
 
         loss = None
         if labels is not None:
-            if not all_exits:
-                raise ValueError("A loss needs every exit's logits: call with output_all_exits=True (the default in training mode).")
             self._check_labels(labels, problem_type)
-            loss = exit_objective_loss(
-                collected,
-                self.exit_layers,
-                labels,
-                problem_type,
-                config.exit_objective,
-                self.train_stage,
-                config.distillation_temperature,
-            )
+            if all_exits:
+                loss = exit_objective_loss(
+                    collected,
+                    self.exit_layers,
+                    labels,
+                    problem_type,
+                    config.exit_objective,
+                    self.train_stage,
+                    config.distillation_temperature,
+                )
+                self._note_exits_trained()
+            else:
+                loss = task_loss(logits_out, labels, problem_type)
         pruning_loss = torch.stack(stream.penalties).mean() if stream.penalties else None
         flops = None
         if output_flops:
@@ -596,13 +675,14 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
                 self,
                 kept_tokens,
                 exit_layer,
-                keep_ratio_scale=keep_ratio_scale,
-                prune_threshold_offset=prune_threshold_offset,
+                importance_layers=stream.scored_layers,
+                keep_ratio_scale=speed.keep_ratio_scale,
+                prune_threshold_offset=speed.prune_threshold_offset,
                 count_exit_heads=heads_can_fire,
             )
         if loss is not None and pruning_loss is not None:
             loss = loss + config.pruning_penalty * pruning_loss
-        return MagicPyramidClassifierOutput(
+        output = MagicPyramidClassifierOutput(
             loss=loss,
             logits=logits_out,
             exit_layer=exit_layer,
@@ -611,6 +691,15 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
             flops=flops,
             pruning_loss=pruning_loss,
         )
+        return output.to_tuple() if return_dict is False else output
+
+    def _note_exits_trained(self) -> None:
+        """Record in the config (so it saves) that a training loss reached the intermediate exit heads."""
+        if self.config.exits_trained or not torch.is_grad_enabled() or len(self.exit_layers) < 2:
+            return
+        reaches_exits = self.config.exit_objective == "joint" or self.train_stage == 2
+        if reaches_exits and any(p.requires_grad for p in self.exits.parameters()):
+            self.config.exits_trained = True
 
     def _check_labels(self, labels: torch.Tensor, problem_type: str) -> None:
         if problem_type == "single_label_classification":
@@ -637,18 +726,40 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         """Convert any supported checkpoint (a bare encoder or a fine-tuned `XxxForSequenceClassification`) or a stock
         model instance. A fine-tuned classifier's head becomes the final exit, so logits are unchanged before training.
 
-        `pyramid_options` are `MagicPyramidConfig` fields (`exit_layers`, `exit_criterion`, `token_pruning`, ...).
-        Raises `ValueError` when `num_labels` disagrees with a loaded classifier's head.
+        `pyramid_options` are `MagicPyramidConfig` fields (`exit_layers`, `exit_criterion`, `token_pruning`, ...) and the
+        `from_pretrained` download options (`revision`, `cache_dir`, `token`, `local_files_only`, `subfolder`,
+        `force_download`, `trust_remote_code`); any other name is a `TypeError` naming the closest one.
+        Raises `ValueError` when `num_labels` disagrees with a loaded classifier's head, or when `name_or_path` is neither
+        a folder with a config.json nor a Hub model id.
         """
+        hub_kwargs = _hub_kwargs(pyramid_options)
+        pyramid_options = {name: value for name, value in pyramid_options.items() if name not in hub_kwargs}
+        fields = _pyramid_fields()
+        for name in pyramid_options:
+            if name not in fields:
+                allowed = fields + _HUB_OPTIONS + ("num_labels", "id2label", "label2id", "problem_type", "attn_implementation", "dtype")
+                raise TypeError(_unknown_option(name, allowed, "from_backbone()"))
         if isinstance(name_or_path, PreTrainedModel):
             stock = name_or_path
         else:
             from transformers import AutoConfig
 
-            stock_config = AutoConfig.from_pretrained(name_or_path)
+            source = str(name_or_path)
+            # A Hub id is "name" or "owner/name"; anything else can only be a local path.
+            looks_local = source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+            if os.path.isdir(source) and not os.path.isfile(os.path.join(source, hub_kwargs.get("subfolder") or "", "config.json")):
+                raise ValueError(f"from_backbone: {source} has no config.json; point it at a saved model folder (save_pretrained writes one).")
+            if not os.path.exists(source) and looks_local:
+                raise ValueError(f"from_backbone: {source} does not exist; give a saved model folder, a Hub model id or a model instance.")
+            try:
+                stock_config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs)
+            except OSError as error:
+                raise ValueError(
+                    f"from_backbone: cannot load {source!r}: it is not a local folder, and as a Hub model id it failed: {' '.join(str(error).split())}"
+                ) from error
             check_supported(stock_config.model_type)
             fine_tuned = any(a.endswith("ForSequenceClassification") for a in (stock_config.architectures or []))
-            load_kwargs = {}
+            load_kwargs = dict(hub_kwargs)
             if attn_implementation is not None:
                 load_kwargs["attn_implementation"] = attn_implementation
             if dtype is not None:
@@ -664,7 +775,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
                 label_kwargs = {k: v for k, v in (("num_labels", num_labels), ("id2label", id2label), ("label2id", label2id)) if v is not None}
                 if problem_type is not None:
                     label_kwargs["problem_type"] = problem_type
-                stock_config = AutoConfig.from_pretrained(name_or_path, **label_kwargs)
+                stock_config = AutoConfig.from_pretrained(name_or_path, **hub_kwargs, **label_kwargs)
             stock = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=stock_config, **load_kwargs)
         check_supported(stock.config.model_type)
         if num_labels is not None and num_labels != stock.config.num_labels:
@@ -677,6 +788,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
             id2label=dict(stock_config.id2label),
             label2id=dict(stock_config.label2id),
             problem_type=stock_config.problem_type,
+            exits_trained=False,  # fresh exit heads: warn if a speed lets samples leave on them
             **pyramid_options,
         )
         config._attn_implementation = stock_config._attn_implementation
@@ -687,6 +799,152 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         model.to(dtype=next(stock.parameters()).dtype)
         model.name_or_path = getattr(stock, "name_or_path", "")
         return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options, speed and loading checks (serving)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# What generic callers (Trainer, pipelines, evaluation loops) pass to a stock classifier's forward; accepted and unused.
+_PASSED_BY_CALLERS = ("use_cache", "num_items_in_batch")
+# Stock outputs this model does not produce: accepted only when not asked for.
+_NOT_PRODUCED = ("output_attentions", "output_hidden_states")
+_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+
+# One lock for every model: `set_speed` writes, and forward reads, the four speed knobs as one unit.
+_SPEED_LOCK = threading.Lock()
+
+
+class _Speed(NamedTuple):
+    """The speed of one forward call, resolved once at its start."""
+
+    exit_threshold: float | None
+    patience: int | None
+    keep_ratio_scale: float
+    prune_threshold_offset: float
+
+
+def _resolve_speed(config, exit_threshold=None, patience=None, keep_ratio_scale=None, prune_threshold_offset=None) -> _Speed:
+    """The config's speed (read under the lock) with this call's overrides (validated); None = the config's value."""
+    with _SPEED_LOCK:
+        speed = _Speed(config.exit_threshold, config.patience, config.keep_ratio_scale, config.prune_threshold_offset)
+    if exit_threshold is not None or patience is not None:
+        speed = speed._replace(
+            exit_threshold=speed.exit_threshold if exit_threshold is None else exit_threshold,
+            patience=speed.patience if patience is None else patience,
+        )
+        check_speed(config.exit_criterion, speed.exit_threshold, speed.patience)
+    if keep_ratio_scale is not None or prune_threshold_offset is not None:
+        speed = speed._replace(
+            keep_ratio_scale=speed.keep_ratio_scale if keep_ratio_scale is None else keep_ratio_scale,
+            prune_threshold_offset=speed.prune_threshold_offset if prune_threshold_offset is None else prune_threshold_offset,
+        )
+        check_pruning_knobs(speed.keep_ratio_scale, speed.prune_threshold_offset)
+    return speed
+
+
+def _unknown_option(name: str, allowed, where: str) -> str:
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(sorted(allowed))}."
+    return f"{where} got an unexpected keyword argument {name!r}; {hint}"
+
+
+def _check_forward_kwargs(forward, kwargs: dict) -> None:
+    """Refuse a forward keyword that would be silently ignored (a typo such as `exit_treshold`)."""
+    for name, value in kwargs.items():
+        if name in _PASSED_BY_CALLERS:
+            continue
+        if name in _NOT_PRODUCED:
+            if value:
+                raise ValueError(
+                    f"{name}=True is not supported: a Magic Pyramid forward removes samples and tokens as it goes, so "
+                    "it returns no per-layer attentions or hidden states (MagicPyramidModel gives the last hidden state)."
+                )
+            continue
+        parameters = [p for p in inspect.signature(forward).parameters if p not in ("self", "kwargs")]
+        raise TypeError(_unknown_option(name, parameters + list(_PASSED_BY_CALLERS + _NOT_PRODUCED), "forward()"))
+
+
+def _pyramid_fields() -> tuple[str, ...]:
+    """The `MagicPyramidConfig` fields `from_backbone` takes as options (all but the backbone config itself)."""
+    return tuple(name for name in MagicPyramidConfig.__annotations__ if name != "backbone_config")
+
+
+_LAYER_INDEX = re.compile(r"\.(?:layer|layers)\.(\d+)\.")
+_EXIT_INDEX = re.compile(r"^exits\.(\d+)\.")
+
+
+def _load_problem(model, source: str, info: dict, ignore_mismatched: bool) -> str | None:
+    """One line saying what does not fit between a checkpoint and the model its config.json builds, or None."""
+    config = model.config
+    missing = sorted(set(info.get("missing_keys") or ()) - {"prune_thresholds"})  # mirrored in the config: not random
+    unexpected = sorted(set(info.get("unexpected_keys") or ()) - {"prune_thresholds"})
+    if isinstance(model, MagicPyramidModel):
+        # Loading the encoder out of a saved classifier: its heads are not used, and the stock base model may add a
+        # pooler the classifier never had. Only the encoder's own weights must all be there.
+        encoder_children = {name for name, _ in model.backbone.named_children()}
+        unexpected = [k for k in unexpected if k.startswith("backbone.") and k.split(".")[1] in encoder_children]
+        missing = [k for k in missing if ".pooler." not in k]
+    mismatched = sorted(info.get("mismatched_keys") or ()) if not ignore_mismatched else []
+    if not (missing or unexpected or mismatched):
+        return None
+    where = f"The checkpoint in {source} does not fit its config.json"
+    if mismatched:
+        return where + ": " + _mismatch_cause(config, mismatched)
+    cause = _structure_cause(config, missing, unexpected)
+    listed = "; ".join(
+        f"{kind} {len(keys)} tensors (e.g. {', '.join(keys[:3])})" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys
+    )
+    return f"{where} ({listed}): {cause} Restore the config.json saved with these weights."
+
+
+def _mismatch_cause(config, mismatched) -> str:
+    hidden, labels = config.hidden_size, config.num_labels
+    example = ", ".join(f"{key} {tuple(saved)} in the file vs {tuple(built)} from config.json" for key, saved, built in mismatched[:2])
+    if all(len(saved) == len(built) and saved[1:] == built[1:] and built[0] == labels for _, saved, built in mismatched):
+        saved_labels = int(mismatched[0][1][0])
+        return (
+            f"the heads were saved with {saved_labels} labels but config.json has num_labels={labels} "
+            f"(id2label={config.id2label}) (e.g. {example}). Restore id2label/label2id, or pass ignore_mismatched_sizes=True "
+            "to start new heads for the new labels on purpose."
+        )
+    # Layer norms depend on the hidden size only (slimming never changes them): a norm that does not fit means hidden_size.
+    saved_widths = [saved[-1] for key, saved, built in mismatched if "norm" in key.lower() and built[-1] == hidden != saved[-1]]
+    if saved_widths:
+        saved_hidden = max(set(saved_widths), key=saved_widths.count)
+        return (
+            f"config.json says hidden_size={hidden} but the weights are {saved_hidden} wide (e.g. {example}). "
+            f"Restore hidden_size={saved_hidden} in backbone_config."
+        )
+    return (
+        f"the per-layer widths mismatch (heads_per_layer={config.heads_per_layer}, ffn_per_layer={config.ffn_per_layer}; "
+        f"e.g. {example}). A slender checkpoint's config must hold the widths it was saved with: save it with "
+        "save_pretrained, and do not edit those fields by hand."
+    )
+
+
+def _structure_cause(config, missing: list[str], unexpected: list[str]) -> str:
+    """What most likely changed in config.json, from the names of the tensors that do not fit."""
+    bases = {entry.base_attr: name for name, entry in ADAPTERS.items()}
+    saved_bases = {k.split(".")[1] for k in unexpected if k.startswith("backbone.") and k.split(".")[1] in bases}
+    built_base = check_supported(config.backbone_type).base_attr
+    if saved_bases and built_base not in saved_bases and any(k.startswith(f"backbone.{built_base}.") for k in missing):
+        saved = "/".join(sorted(bases[b] for b in saved_bases))
+        return f"the weights are for a {saved} backbone, but config.json says backbone_config.model_type={config.backbone_type!r}."
+    num_layers = config.num_hidden_layers
+    extra = {int(m.group(1)) for k in unexpected if (m := _LAYER_INDEX.search(k))}
+    absent = {int(m.group(1)) for k in missing if (m := _LAYER_INDEX.search(k))}
+    if extra or absent:
+        saved_layers = max(extra) + 1 if extra else min(absent)
+        return f"the weights hold {saved_layers} layers, but config.json says num_hidden_layers={num_layers}."
+    saved_exits = sorted({int(m.group(1)) for k in unexpected if (m := _EXIT_INDEX.search(k))})
+    new_exits = sorted({int(m.group(1)) for k in missing if (m := _EXIT_INDEX.search(k))})
+    if saved_exits or new_exits:
+        return (
+            f"config.json's exit_layers={config.exit_layers} do not match the saved exit heads (heads in the file but not "
+            f"in the config: {saved_exits}; in the config but not in the file: {new_exits})."
+        )
+    return "the model built from config.json has other tensors than the file."
 
 
 __all__ = ["MagicPyramidModel", "MagicPyramidForSequenceClassification", "MagicPyramidPreTrainedModel"]

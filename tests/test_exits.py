@@ -291,13 +291,17 @@ def test_two_stage_and_self_distillation_losses():
     torch.testing.assert_close(distilled, (kl[0] + kl[1]) / 2)
 
 
-def test_eval_loss_needs_all_exits():
-    _, model = convert("bert")
+def test_eval_loss_without_all_exits_is_the_returned_logits_loss():
+    # Issue 16: a plain Trainer evaluates in eval mode with labels; the loss is that of the logits each sample exited with.
+    stock, model = convert("bert")
     input_ids, attention_mask = padded_batch(LENGTHS)
-    with pytest.raises(ValueError, match="output_all_exits=True"):
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.zeros(6, dtype=torch.long))
-    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.zeros(6, dtype=torch.long), output_all_exits=True)
-    assert out.loss is not None
+    labels = torch.zeros(6, dtype=torch.long)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        torch.testing.assert_close(out.loss, stock(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss, rtol=0, atol=1e-6)
+        assert out.exit_logits is None
+        every = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_all_exits=True)
+    assert every.loss is not None and len(every.exit_logits) == 4
 
 
 def test_heads_that_cannot_fire_are_not_run_and_flops_say_so():

@@ -662,8 +662,8 @@ def test_forward_rejects_bad_inputs():
         model(input_ids=input_ids, inputs_embeds=torch.zeros(4, 12, 32), attention_mask=attention_mask)
     with pytest.raises(ValueError, match=r"Label 7 is out of range: this model has num_labels=3 \(labels 0\.\.2\)"):
         model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 7, 2]), output_all_exits=True)
-    with pytest.raises(ValueError, match=r"output_all_exits=True"):
-        model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 2, 2]))
+    with pytest.raises(ValueError, match=r"Label 7 is out of range: this model has num_labels=3 \(labels 0\.\.2\)"):
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 7, 2]))  # evaluation loss too
     with pytest.raises(ValueError, match=r"exit_threshold=2.0 is out of range"):
         model(input_ids=input_ids, attention_mask=attention_mask, exit_threshold=2.0)
 
