@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .adapters import ADAPTERS
 from .configuration_magic_pyramid import MagicPyramidConfig
+from .pipelines import register_text_classification_pipeline
 from .modeling_magic_pyramid import (
     MagicPyramidClassifierOutput,
     MagicPyramidForSequenceClassification,
@@ -23,6 +24,9 @@ SUPPORTED_BACKBONES = tuple(sorted(ADAPTERS))
 AutoConfig.register(MagicPyramidConfig.model_type, MagicPyramidConfig, exist_ok=True)
 AutoModel.register(MagicPyramidConfig, MagicPyramidModel, exist_ok=True)
 AutoModelForSequenceClassification.register(MagicPyramidConfig, MagicPyramidForSequenceClassification, exist_ok=True)
+
+# `pipeline("text-classification", ...)` then takes the per-call speed knobs (exit_threshold=..., keep_ratio_scale=...).
+register_text_classification_pipeline()
 
 # So that save_pretrained / push_to_hub write the custom code and an `auto_map` for loading with trust_remote_code=True.
 MagicPyramidConfig.register_for_auto_class()

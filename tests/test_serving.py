@@ -433,9 +433,9 @@ def _pipeline_model(tokenizer):
 def test_pipeline_per_call_knobs_change_the_result(minilm_path):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     model = _pipeline_model(tokenizer)
-    pipe = transformers.pipeline(
-        "text-classification", model=model, tokenizer=tokenizer, pipeline_class=MagicPyramidTextClassificationPipeline, top_k=None
-    )
+    # The plain call: `import hf_magicpyramid` made our subclass the task's implementation.
+    pipe = transformers.pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None)
+    assert isinstance(pipe, MagicPyramidTextClassificationPipeline)
     default = pipe(TEXTS)
     fast = pipe(TEXTS, exit_threshold=0.9, keep_ratio_scale=3.0)
     assert fast != default
@@ -456,20 +456,17 @@ def test_pipeline_per_call_knobs_change_the_result(minilm_path):
 
 def test_pipeline_refuses_misspelt_or_foreign_knobs(minilm_path):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-    pipe = transformers.pipeline(
-        "text-classification", model=_pipeline_model(tokenizer), tokenizer=tokenizer, pipeline_class=MagicPyramidTextClassificationPipeline
-    )
+    pipe = transformers.pipeline("text-classification", model=_pipeline_model(tokenizer), tokenizer=tokenizer)
     with pytest.raises(TypeError, match=r"^The pipeline got an unexpected keyword argument 'exit_treshold'; did you mean 'exit_threshold'\?$"):
         pipe(TEXTS, exit_treshold=0.5)
-    stock_pipe = transformers.pipeline(
-        "text-classification",
-        model=AutoModelForSequenceClassification.from_config(tiny_config("bert", vocab_size=len(tokenizer), max_position_embeddings=128)),
-        tokenizer=tokenizer,
-        pipeline_class=MagicPyramidTextClassificationPipeline,
-    )
+    torch.manual_seed(0)
+    stock = AutoModelForSequenceClassification.from_config(tiny_config("bert", vocab_size=len(tokenizer), max_position_embeddings=128)).eval()
+    stock_pipe = transformers.pipeline("text-classification", model=stock, tokenizer=tokenizer, top_k=None)
     with pytest.raises(ValueError, match=r"^exit_threshold is a Magic Pyramid speed knob, but BertForSequenceClassification does not take it"):
         stock_pipe(TEXTS, exit_threshold=0.5)
-    assert len(stock_pipe(TEXTS)) == 4  # without knobs it is the stock pipeline
+    # Without knobs it is the stock pipeline: the same scores as transformers' own class.
+    plain = transformers.TextClassificationPipeline(model=stock, tokenizer=tokenizer, top_k=None)
+    assert stock_pipe(TEXTS) == plain(TEXTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
