@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import sys
 from pathlib import Path
 
 # The Hub cannot be reached here; set before transformers / huggingface_hub read it at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # so that `from tiny import ...` works
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -41,7 +41,6 @@ from hf_magicpyramid.calibration import (
     validate_calibration,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
 from tiny import padded_batch, tiny_stock  # noqa: E402
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModel, BertTokenizer
+from transformers import BertTokenizer
 
 import hf_magicpyramid  # noqa: F401
 from hf_magicpyramid import MagicPyramidForSequenceClassification
-from hf_magicpyramid.arguments import (
-    DataArguments,
-    EvalDataArguments,
-    PushArguments,
-    RecipeSettings,
-    SweepArguments,
-    TrainRunArguments,
-)
+from hf_magicpyramid.arguments import DataArguments, RecipeSettings, TrainRunArguments
 from hf_magicpyramid.cli import COMMANDS, main, parse_arguments
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_config, tiny_stock  # noqa: E402
+from tiny import make_tiny_backbone, tiny_stock
 
 DATA = ["--dataset", "rotten_tomatoes"]  # parsing only: no dataset is loaded before a command runs
 
@@ -244,18 +235,6 @@ def test_recipe_settings_check_values_for_api_callers_too():
 # ---------------------------------------------------------------------------------------------------------------------
 # The real thing: train with a preset and run_glue flags; push through the command line
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def make_tiny_backbone(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(str(path / "vocab.txt"), do_lower_case=False).save_pretrained(str(path))
-    torch.manual_seed(0)
-    config = tiny_config("bert", num_labels=2)
-    config.architectures = None
-    AutoModel.from_config(config).save_pretrained(str(path))  # a bare encoder: stage 1 trains a head
-    return path
 
 
 def write_toy_csv(path: Path, n: int, seed: int) -> Path:

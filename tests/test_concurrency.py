@@ -7,16 +7,13 @@ crash, or silently wrong tokens and logits).
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import padded_batch, sharpen_exits, tiny_pyramid  # noqa: E402
 

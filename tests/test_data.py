@@ -285,7 +285,7 @@ def test_missing_host_package_names_pip_command(monkeypatch, loader, package):
 
 import logging  # noqa: E402
 
-from transformers import AutoModel, BertTokenizer  # noqa: E402
+from tiny import make_tiny_backbone, word_tokenizer  # noqa: E402
 
 from hf_magicpyramid.data import infer_labels, load_text_files, prepare_dataset  # noqa: E402
 from hf_magicpyramid.training import train_magic_pyramid  # noqa: E402
@@ -302,10 +302,8 @@ def write(tmp_path, name: str, content) -> str:
     return str(path)
 
 
-def text_tokenizer(tmp_path) -> BertTokenizer:
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(20)]) + "\n")
-    return BertTokenizer(str(vocab), do_lower_case=False)
+def text_tokenizer(tmp_path):
+    return word_tokenizer(tmp_path, words=20)
 
 
 @pytest.fixture()
@@ -316,14 +314,7 @@ def tokenizer(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory) -> str:
     """A tiny bare BERT encoder with a word-level tokenizer, for the errors that `train_magic_pyramid` raises."""
-    from tiny import tiny_config
-
-    path = tmp_path_factory.mktemp("backbone")
-    text_tokenizer(path).save_pretrained(str(path))
-    config = tiny_config("bert", num_labels=2)
-    config.architectures = None
-    AutoModel.from_config(config).save_pretrained(str(path))
-    return str(path)
+    return str(make_tiny_backbone(tmp_path_factory.mktemp("backbone")))
 
 
 def test_tsv_has_no_quoting(tmp_path):

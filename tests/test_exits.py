@@ -3,34 +3,17 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import FAMILIES, padded_batch, tiny_stock  # noqa: E402
+from tiny import FAMILIES, padded_batch, sharpen_exits, stock_and_pyramid, tiny_stock
 
 from hf_magicpyramid import MagicPyramidConfig, MagicPyramidForSequenceClassification  # noqa: E402
 from hf_magicpyramid.exits import PatienceState, exit_decision, exit_objective_loss, normalized_entropy  # noqa: E402
 
 LENGTHS = (9, 6, 3, 12, 7, 11)
-
-
-def convert(family, seed=0, **options):
-    stock = tiny_stock(family, seed=seed)
-    model = MagicPyramidForSequenceClassification.from_backbone(stock, **options).eval()
-    return stock, model
-
-
-def sharpen_exits(model, std=2.0, seed=0):
-    """Random but confident exit heads, so that exits fire at different layers for different inputs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for head in model.exits.values():
-            head.classifier.weight.copy_(torch.randn(head.classifier.weight.shape, generator=generator) * std)
 
 
 def threshold_between_values(values: torch.Tensor) -> float:
@@ -57,7 +40,7 @@ def threshold_between_values(values: torch.Tensor) -> float:
     ids=["default", "entropy0", "confidence1", "patience-depth"],
 )
 def test_never_exit_settings_equal_full_model(family, options):
-    stock, model = convert(family, **options)
+    stock, model = stock_and_pyramid(family, **options)
     sharpen_exits(model)
     input_ids, attention_mask = padded_batch(LENGTHS)
     with torch.no_grad():
@@ -75,7 +58,7 @@ def test_never_exit_settings_equal_full_model(family, options):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("criterion", ["confidence", "entropy"])
 def test_batch_equals_alone_with_mixed_exit_layers(family, criterion):
-    _, model = convert(family, exit_criterion=criterion)
+    _, model = stock_and_pyramid(family, exit_criterion=criterion)
     sharpen_exits(model)
     input_ids, attention_mask = padded_batch(LENGTHS, seed=1)
     with torch.no_grad():
@@ -92,7 +75,7 @@ def test_batch_equals_alone_with_mixed_exit_layers(family, criterion):
 
 
 def test_patience_batch_equals_alone():
-    _, model = convert("bert", exit_criterion="patience", patience=1)
+    _, model = stock_and_pyramid("bert", exit_criterion="patience", patience=1)
     sharpen_exits(model, seed=3)
     input_ids, attention_mask = padded_batch(LENGTHS, seed=2)
     with torch.no_grad():
@@ -110,7 +93,7 @@ def test_patience_batch_equals_alone():
 
 
 def test_exited_samples_really_leave_the_batch():
-    _, model = convert("bert", exit_criterion="entropy", exit_layers=[1, 2, 3])
+    _, model = stock_and_pyramid("bert", exit_criterion="entropy", exit_layers=[1, 2, 3])
     sharpen_exits(model)
     input_ids, attention_mask = padded_batch(LENGTHS, seed=1)
     seen_batch_sizes = []
@@ -128,7 +111,7 @@ def test_exited_samples_really_leave_the_batch():
 
 
 def test_padding_columns_leave_with_the_longest_sample():
-    _, model = convert("bert", exit_criterion="confidence")
+    _, model = stock_and_pyramid("bert", exit_criterion="confidence")
     sharpen_exits(model)
     input_ids, attention_mask = padded_batch((12, 4), seed=4)  # seed 4: the long sample is the more confident at exit 1
     lengths_seen = []
@@ -211,7 +194,7 @@ def test_multilabel_confidence_needs_every_label_sure():
     ],
 )
 def test_bad_speed_is_rejected(speed, message):
-    _, model = convert("bert")
+    _, model = stock_and_pyramid("bert")
     with pytest.raises(ValueError, match=message):
         model.set_speed(**speed)
     input_ids, attention_mask = padded_batch(LENGTHS)
@@ -222,7 +205,7 @@ def test_bad_speed_is_rejected(speed, message):
 
 
 def test_bad_patience_is_rejected():
-    _, model = convert("bert", exit_criterion="patience")
+    _, model = stock_and_pyramid("bert", exit_criterion="patience")
     with pytest.raises(ValueError, match=r"patience=0 is invalid: it must be an integer >= 1"):
         model.set_speed(patience=0)
     with pytest.raises(ValueError, match=r"exit_threshold=0.5 has no meaning for exit_criterion='patience'"):
@@ -230,7 +213,7 @@ def test_bad_patience_is_rejected():
 
 
 def test_speed_knob_changes_exits_without_reload_and_per_call():
-    _, model = convert("bert", exit_criterion="entropy")
+    _, model = stock_and_pyramid("bert", exit_criterion="entropy")
     sharpen_exits(model)
     input_ids, attention_mask = padded_batch(LENGTHS, seed=1)
     with torch.no_grad():
@@ -244,7 +227,7 @@ def test_speed_knob_changes_exits_without_reload_and_per_call():
 
 
 def test_save_load_keeps_speed_and_exit_layers(tmp_path):
-    _, model = convert("roberta", exit_layers=[1, 3], exit_criterion="confidence", exit_pooling="mean")
+    _, model = stock_and_pyramid("roberta", exit_layers=[1, 3], exit_criterion="confidence", exit_pooling="mean")
     sharpen_exits(model)
     model.set_speed(exit_threshold=0.6)
     model.save_pretrained(tmp_path)
@@ -265,7 +248,7 @@ def test_save_load_keeps_speed_and_exit_layers(tmp_path):
 
 
 def test_training_mode_returns_every_exit_and_joint_loss_weights_depth():
-    _, model = convert("bert", exit_layers=[1, 2, 3])
+    _, model = stock_and_pyramid("bert", exit_layers=[1, 2, 3])
     model.train()
     input_ids, attention_mask = padded_batch(LENGTHS)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -293,7 +276,7 @@ def test_two_stage_and_self_distillation_losses():
 
 def test_eval_loss_without_all_exits_is_the_returned_logits_loss():
     # Issue 16: a plain Trainer evaluates in eval mode with labels; the loss is that of the logits each sample exited with.
-    stock, model = convert("bert")
+    stock, model = stock_and_pyramid("bert")
     input_ids, attention_mask = padded_batch(LENGTHS)
     labels = torch.zeros(6, dtype=torch.long)
     with torch.no_grad():

@@ -4,10 +4,7 @@ FlopCounterMode on CPU has no formula for the fused sdpa kernel (`_scaled_dot_pr
 would count no attention at all under sdpa: the references run eager, or get that formula through `custom_mapping`.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest
 import torch

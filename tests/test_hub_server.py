@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import huggingface_hub.constants  # noqa: E402
 from hub_server import LocalHub, git_blob_sha1, hub_environment  # noqa: E402

@@ -4,7 +4,6 @@ presets fail with an error naming the entry and what is allowed."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from hf_magicpyramid.presets import (
     validate_preset,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
 from tiny import tiny_config  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

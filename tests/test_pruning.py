@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import FAMILIES, SDPA_FAMILIES, padded_batch, tiny_stock  # noqa: E402
+from tiny import FAMILIES, SDPA_FAMILIES, padded_batch, stock_and_pyramid, tiny_stock
 
 from hf_magicpyramid import MagicPyramidConfig, MagicPyramidForSequenceClassification  # noqa: E402
 from hf_magicpyramid.modeling_magic_pyramid import _run_encoder  # noqa: E402
@@ -21,8 +18,7 @@ LENGTHS = (12, 9, 5, 11)
 
 
 def convert(family, attn="eager", **options):
-    stock = tiny_stock(family, attn_implementation=attn)
-    return stock, MagicPyramidForSequenceClassification.from_backbone(stock, **options).eval()
+    return stock_and_pyramid(family, attn, **options)
 
 
 def record_positions(model, input_ids, attention_mask):

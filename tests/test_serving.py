@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.testing_utils import CaptureLogger
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny import padded_batch, tiny_config, tiny_stock  # noqa: E402
 

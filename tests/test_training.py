@@ -13,15 +13,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
 import hf_magicpyramid  # noqa: F401
 from hf_magicpyramid import MagicPyramidForSequenceClassification
 from hf_magicpyramid.cli import main as cli_main
 from hf_magicpyramid.training import MagicPyramidTrainer, prepare_dataset, train_magic_pyramid
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_config, tiny_stock  # noqa: E402
+from tiny import make_tiny_backbone, tiny_stock
 
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
@@ -29,18 +28,6 @@ NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 # ---------------------------------------------------------------------------------------------------------------------
 # Tiny assets: a word-level tokenizer over the tiny vocab, a bare tiny encoder, a learnable toy task
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def make_tiny_backbone(path: Path, **overrides) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(str(path / "vocab.txt"), do_lower_case=False).save_pretrained(str(path))
-    torch.manual_seed(0)
-    config = tiny_config("bert", num_labels=2, **overrides)
-    config.architectures = None
-    AutoModel.from_config(config).save_pretrained(str(path))  # a bare encoder: stage 1 must train a head
-    return path
 
 
 def toy_data(n: int, seed: int, names=("neg", "pos")) -> datasets.Dataset:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -67,12 +69,41 @@ def padded_batch(lengths=(9, 6, 3, 12), vocab: int = 99, seed: int = 0, first_id
     return input_ids, attention_mask
 
 
-def tiny_pyramid(family: str, attn_implementation: str | None = None, num_labels: int = 3, seed: int = 0, **options):
-    """A Magic Pyramid classifier (eval mode) converted from `tiny_stock(family, ...)`; `options` are config fields."""
+def stock_and_pyramid(family: str, attn_implementation: str | None = None, num_labels: int = 3, seed: int = 0, **options):
+    """(stock classifier, Magic Pyramid classifier converted from it), both in eval mode; `options` are config fields."""
     from hf_magicpyramid import MagicPyramidForSequenceClassification
 
     stock = tiny_stock(family, num_labels=num_labels, attn_implementation=attn_implementation, seed=seed)
-    return MagicPyramidForSequenceClassification.from_backbone(stock, **options).eval()
+    return stock, MagicPyramidForSequenceClassification.from_backbone(stock, **options).eval()
+
+
+def tiny_pyramid(family: str, attn_implementation: str | None = None, num_labels: int = 3, seed: int = 0, **options):
+    """A Magic Pyramid classifier (eval mode) converted from `tiny_stock(family, ...)`; `options` are config fields."""
+    return stock_and_pyramid(family, attn_implementation, num_labels, seed, **options)[1]
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]  # the tiny vocab (99), as words
+
+
+def word_tokenizer(folder: Path, words: int = 94):
+    """A word-level BertTokenizer over `[PAD] [UNK] [CLS] [SEP] [MASK] w0 ... w{words-1}`, its vocab.txt in `folder`."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(WORDS[: 5 + words]) + "\n")
+    return BertTokenizer(str(folder / "vocab.txt"), do_lower_case=False)
+
+
+def make_tiny_backbone(path: Path, **overrides) -> Path:
+    """A saved tiny bare BERT encoder (no head: stage 1 of the recipe trains one) with its word-level tokenizer."""
+    from transformers import AutoModel
+
+    word_tokenizer(path).save_pretrained(str(path))
+    torch.manual_seed(0)
+    config = tiny_config("bert", num_labels=2, **overrides)
+    config.architectures = None
+    AutoModel.from_config(config).save_pretrained(str(path))
+    return path
 
 
 def sharpen_exits(model, std: float = 2.0, seed: int = 0):
