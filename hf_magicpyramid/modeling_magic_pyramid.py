@@ -187,6 +187,12 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
         self.sync_config()
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.backbone.set_input_embeddings(value)
+
     @property
     def base_encoder(self) -> nn.Module:
         """The stock base model (e.g. `BertModel`) whose modules the loop runs."""
@@ -432,12 +438,6 @@ class MagicPyramidModel(MagicPyramidPreTrainedModel):
             kwargs["key_mapping"] = {rf"^backbone\.{base_attr}\.": "backbone."}
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.backbone.set_input_embeddings(value)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -505,12 +505,6 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         )
         self.train_stage = 1  # for the two-stage objectives: 1 = backbone + final head, 2 = exits
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.backbone.set_input_embeddings(value)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Speed knob
