@@ -209,8 +209,7 @@ def _validate_training(training, source: str) -> None:
 
 def _default_backbone(auto_config, model_type: str, depth: int):
     check_supported(model_type)  # names the supported families
-    depth_key = "n_layers" if model_type == "distilbert" else "num_hidden_layers"
-    return auto_config.for_model(model_type, **{depth_key: depth})
+    return auto_config.for_model(model_type, num_hidden_layers=depth)  # attribute_map covers distilbert's n_layers
 
 
 def _config_fields(preset: dict) -> dict:
@@ -286,8 +285,7 @@ def config_from_preset(name_or_path, backbone_config=None, config_class=None, **
             f"config is {backbone_config.model_type!r}. Choose a preset of that family: {', '.join(available_presets())}."
         )
     fields = _config_fields(preset)
-    depth_key = "n_layers" if backbone_config.model_type == "distilbert" else "num_hidden_layers"
-    depth = getattr(backbone_config, depth_key)
+    depth = backbone_config.num_hidden_layers
     if depth != expected["num_hidden_layers"]:
         stale = [field for field in LAYER_FIELDS if field in fields and field not in overrides]
         if stale:
