@@ -798,7 +798,7 @@ def test_recipe_bars_and_log_lines_are_named_by_stage(logged_run):
 
 def test_recipe_run_shows_no_expected_load_report(logged_run):
     _, stderr, messages, _ = logged_run
-    assert messages, "transformers logged nothing at all: the capture is broken"
+    # (The same capture does see a report: test_stage1_load_report_shows_only_what_is_unexpected's missing weight.)
     assert load_reports(messages) == [] and "LOAD REPORT" not in stderr
 
 
