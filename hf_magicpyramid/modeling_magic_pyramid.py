@@ -425,6 +425,12 @@ class MagicPyramidModel(MagicPyramidPreTrainedModel):
     def __init__(self, config: MagicPyramidConfig):
         super().__init__(config)
         self.post_init()
+        # Loading the encoder out of a saved classifier: its heads (exits, the stock head) are not used, and the stock
+        # base model may add a pooler the classifier never had. Expected, so kept out of the load report and of the
+        # strict check; only the encoder's own weights must all be there.
+        encoder_children = "|".join(re.escape(name) for name, _ in self.backbone.named_children())
+        self._keys_to_ignore_on_load_unexpected = {*self._keys_to_ignore_on_load_unexpected, rf"^(?!backbone\.(?:{encoder_children})\.)"}
+        self._keys_to_ignore_on_load_missing = {*self._keys_to_ignore_on_load_missing, r"\.pooler\."}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -873,12 +879,7 @@ def _load_problem(model, source: str, info: dict, ignore_mismatched: bool) -> st
     config = model.config
     missing = sorted(set(info.get("missing_keys") or ()) - {"prune_thresholds"})  # mirrored in the config: not random
     unexpected = sorted(set(info.get("unexpected_keys") or ()) - {"prune_thresholds"})
-    if isinstance(model, MagicPyramidModel):
-        # Loading the encoder out of a saved classifier: its heads are not used, and the stock base model may add a
-        # pooler the classifier never had. Only the encoder's own weights must all be there.
-        encoder_children = {name for name, _ in model.backbone.named_children()}
-        unexpected = [k for k in unexpected if k.startswith("backbone.") and k.split(".")[1] in encoder_children]
-        missing = [k for k in missing if ".pooler." not in k]
+    # (A MagicPyramidModel's expected missing and unused keys are already out: its `_keys_to_ignore_on_load_*`.)
     mismatched = sorted(info.get("mismatched_keys") or ()) if not ignore_mismatched else []
     if not (missing or unexpected or mismatched):
         return None

@@ -16,6 +16,9 @@
      freeze the backbone and its head (bit-identical) and train only the exit heads. `"joint"` trains every exit with the
      backbone in stage 3 already, so stage 4 is skipped.
 
+  Each stage's progress bars and log lines carry its name ("stage 3/4: pruned fine-tune"); transformers' load report is
+  shown only for what a stage does not expect (stage 1's new classification head is expected).
+
   Before any training, the final model's config is built (a bad option fails in the first seconds) and each stage's
   fingerprint is computed: the backbone's config and weights, the labels, a hash of the tokenized data, and the settings
   that change that stage's result or an earlier one's (not logging or checkpoint cadence). A stage folder records its
@@ -32,11 +35,14 @@ Runs unchanged under `torchrun --nproc_per_node N` (CPU: gloo backend, chosen on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -56,6 +63,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length
 
 from .arguments import RecipeSettings
 from .configuration_magic_pyramid import MagicPyramidConfig, exact_speed
@@ -64,6 +73,8 @@ from .exits import task_loss
 from .modeling_magic_pyramid import MagicPyramidForSequenceClassification
 
 STAGE_FOLDERS = ("stage1_finetune", "stage2_learn_pruning", "stage3_pruned_finetune", "stage4_exits")
+# What each stage does, in the words of its progress bars and log lines ("stage 3/4: pruned fine-tune").
+STAGE_TITLES = ("fine-tune", "learn pruning", "pruned fine-tune", "train exits")
 STAGE_MARKER = "stage.json"
 SUMMARY_FILE = "training_summary.json"
 # Files that mark a sentence-transformers checkpoint: its intermediate [CLS] states carry no information (BRIEF §5),
@@ -137,6 +148,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def stage_label(folder: str) -> str:
+    """The name a stage's progress bars and log lines carry, e.g. "stage 3/4: pruned fine-tune" for its folder."""
+    index = STAGE_FOLDERS.index(folder)
+    return f"stage {index + 1}/{len(STAGE_FOLDERS)}: {STAGE_TITLES[index]}"
+
+
+def _stage_tag(folder: str) -> str:
+    """How a recipe log line names a stage: its label, then its folder ("stage 1/4: fine-tune [stage1_finetune]")."""
+    return f"{stage_label(folder)} [{folder}]"
+
+
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Cross-entropy of the student's softened distribution against the teacher's, scaled by T² (Hinton). Batch mean."""
     teacher = F.softmax(teacher_logits.detach().float() / temperature, dim=-1)
@@ -147,6 +169,30 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 # ---------------------------------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class NamedProgressCallback(ProgressCallback):
+    """The Trainer's `ProgressCallback` with a description on its bars: the training bar reads `description`, the
+    evaluation bar `"<description> (evaluation)"`. Everything else (the logs written above the bar, closing) is the
+    stock callback's."""
+
+    def __init__(self, description: str, max_str_len: int = 100):
+        super().__init__(max_str_len=max_str_len)
+        self.description = description
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc=self.description)
+        self.current_step = 0
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if state.is_world_process_zero and has_length(eval_dataloader):
+            if self.prediction_bar is None:
+                self.prediction_bar = tqdm(
+                    total=len(eval_dataloader), leave=self.training_bar is None, dynamic_ncols=True,
+                    desc=f"{self.description} (evaluation)",
+                )
+            self.prediction_bar.update(1)
 
 
 class MagicPyramidTrainer(Trainer):
@@ -163,9 +209,12 @@ class MagicPyramidTrainer(Trainer):
             `"exits"` freezes the exit heads (stage 1: they get no gradient and DDP must not wait for them).
         threshold_learning_rate (`float`, *optional*): learning rate of LTP's `prune_thresholds` (they live on the
             scale of attention probabilities, far from the weights' scale). Defaults to the main learning rate.
+        progress_description (`str`, *optional*): the description on the Trainer's progress bars (the recipe passes
+            e.g. "stage 3/4: pruned fine-tune"). Without it, or with `disable_tqdm`, the stock callback is left as is.
 
-    Logged with the Trainer's loss: `loss_exit<L>` (each exit's task loss), `kept_token_fraction` (share of
-    token-layers really run), `soft_kept_fraction` (LTP soft phase), `distillation_loss`, and the learned thresholds.
+    Logged with the Trainer's loss: `loss_exit<L>` (the task loss of each exit this training reaches, and of the final
+    exit always: a frozen exit's loss would be noise), `kept_token_fraction` (share of token-layers really run),
+    `soft_kept_fraction` (LTP soft phase), `distillation_loss`, and the learned thresholds.
     """
 
     def __init__(
@@ -176,9 +225,17 @@ class MagicPyramidTrainer(Trainer):
         distillation_temperature: float = 2.0,
         freeze: str = "none",
         threshold_learning_rate: float | None = None,
+        progress_description: str | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        if progress_description is not None:
+            # The stock bar has no description; swap in the named one at the same place (a notebook's bar, or the
+            # PrinterCallback of disable_tqdm=True, is not a ProgressCallback and stays).
+            callbacks = self.callback_handler.callbacks
+            for index, callback in enumerate(callbacks):
+                if type(callback) is ProgressCallback:
+                    callbacks[index] = NamedProgressCallback(progress_description, max_str_len=callback.max_str_len)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and self.args.world_size == 1 or world_size > 1 and str(self.accelerator.distributed_type) == "DistributedType.NO":
             raise RuntimeError(
@@ -269,8 +326,15 @@ class MagicPyramidTrainer(Trainer):
         from .exits import resolve_problem_type
 
         problem_type = resolve_problem_type(unwrapped.config, labels)
+        # Only the exits this training reaches (the rule the model uses for `exits_trained`), and the final exit.
+        reaches_exits = unwrapped.config.exit_objective == "joint" or unwrapped.train_stage == 2
+        final_layer = unwrapped.exit_layers[-1]
         for layer, logits in zip(unwrapped.exit_layers, outputs.exit_logits):
-            self._accumulate(f"loss_exit{layer}", task_loss(logits.detach(), labels, problem_type))
+            trains = layer == final_layer or reaches_exits and any(
+                p.requires_grad for p in unwrapped.exits[str(layer)].parameters()
+            )
+            if trains:
+                self._accumulate(f"loss_exit{layer}", task_loss(logits.detach(), labels, problem_type))
         attention_mask = inputs.get("attention_mask")
         if attention_mask is not None and outputs.kept_tokens is not None:
             full = attention_mask.sum(dim=1, keepdim=True).to(torch.float64) * outputs.kept_tokens.shape[1]
@@ -422,7 +486,7 @@ def _resume_checkpoint(checkpoints: Path, name: str, log) -> str | None:
         if problem is None:
             resume = path
             break
-        log(f"[{name}] skipping the partial checkpoint {path.name}: {problem}")
+        log(f"{_stage_tag(name)} skipping the partial checkpoint {path.name}: {problem}")
         partial.append(path)
     barrier()  # every process has read the folder before the main one changes it
     if is_main_process():
@@ -689,10 +753,10 @@ def _read_marker(stage_dir: Path) -> dict:
 def _finished_stage(name: str, stage_dir: Path, skip_reason: str | None, log, settings=None) -> dict | None:
     """The info of a stage that needs no run (skipped for `skip_reason`, or already complete); None when it must run."""
     if skip_reason is not None:
-        log(f"[{name}] skipped: {skip_reason}")
+        log(f"{_stage_tag(name)} skipped: {skip_reason}")
         return {"stage": name, "status": "skipped", "reason": skip_reason}
     if _stage_complete(stage_dir):
-        log(f"[{name}] already complete, skipped")
+        log(f"{_stage_tag(name)} already complete, skipped")
         if settings is not None and not settings.keep_checkpoints and is_main_process():
             shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # left over by a kill just after the marker
         return _read_marker(stage_dir)
@@ -739,7 +803,7 @@ def _run_stage(
     checkpoints = stage_dir / "checkpoints"
     resume = _resume_checkpoint(checkpoints, name, log)
     if resume:
-        log(f"[{name}] resuming from {resume}")
+        log(f"{_stage_tag(name)} resuming from {resume}")
     args = _training_args(checkpoints, settings, epochs, learning_rate)
     trainer = MagicPyramidTrainer(
         model=model,
@@ -755,6 +819,7 @@ def _run_stage(
         freeze=freeze,
         threshold_learning_rate=threshold_learning_rate,
         callbacks=callbacks,
+        progress_description=stage_label(name),
     )
     start = time.perf_counter()
     train_output = trainer.train(resume_from_checkpoint=resume)
@@ -773,8 +838,59 @@ def _run_stage(
     _write_marker(stage_dir, info)  # after the model: a marker always means a whole model
     if is_main_process() and not settings.keep_checkpoints and checkpoints.is_dir():
         shutil.rmtree(checkpoints, ignore_errors=True)  # after the marker: a kill in between loses no work
-    log(f"[{name}] done in {train_seconds:.0f}s: eval accuracy {info['eval_accuracy']}")
+    log(f"{_stage_tag(name)} done in {train_seconds:.0f}s: eval accuracy {info['eval_accuracy']}")
     return info
+
+
+class _HeldLoadReports(logging.Filter):
+    """Holds back the load reports ("<Class> LOAD REPORT from: ...") that transformers' loader logs on this thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread == self.thread and "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _held_load_reports():
+    """Within: transformers' load reports are collected (`.records`), not shown. Other messages pass as usual."""
+    logger = logging.getLogger("transformers.modeling_utils")  # where `from_pretrained` logs its report
+    held = _HeldLoadReports()
+    logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(held)
+
+
+def _load_stage1_classifier(backbone, id2label: dict, label2id: dict, fine_tuned: list[str] | None, log) -> PreTrainedModel:
+    """The stock classifier that stage 1 fine-tunes, loaded from `backbone`: a bare encoder (its head is new) or a
+    classifier fine-tuned on other labels (its head is trained anew; a head of another size is re-initialised).
+
+    A new head, and checkpoint heads that go unused (e.g. BERT's pretraining `cls.*`), are what stage 1 is for: the
+    load report that lists only those keys is held back. A key of the encoder itself (under the model's
+    `base_model_prefix`) that is missing, unused or mismatched is not expected: then the whole report is shown."""
+    with _held_load_reports() as held:
+        # No num_labels=: id2label sets it, and beside a checkpoint's id2label of another length it only adds a warning.
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            backbone, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=fine_tuned is not None,
+            output_loading_info=True,
+        )
+    encoder = model.base_model_prefix + "."
+    keys = [*info["missing_keys"], *info["unexpected_keys"], *(key for key, *_ in info["mismatched_keys"])]
+    if any(key.startswith(encoder) for key in keys):
+        for record in held.records:
+            logging.getLogger(record.name).handle(record)
+    elif info["mismatched_keys"]:
+        log(f"{_stage_tag(STAGE_FOLDERS[0])} the backbone's head (labels {fine_tuned}) does not fit the data's "
+            f"{len(label2id)} labels: a new head is trained")
+    return model
 
 
 def _fine_tuned_labels(config) -> list[str] | None:
@@ -932,21 +1048,18 @@ def train_magic_pyramid(
         info = {"stage": STAGE_FOLDERS[0], "status": "skipped", "reason": f"the backbone is already a classifier with labels {fine_tuned}"}
         stock_path = backbone
         summary["stock_model"] = str(backbone_id)
-        log(f"[{STAGE_FOLDERS[0]}] skipped: {info['reason']}")
+        log(f"{_stage_tag(STAGE_FOLDERS[0])} skipped: {info['reason']}")
     elif _stage_complete(stage1):
         info = _finished_stage(STAGE_FOLDERS[0], stage1, None, lambda *_: None, settings)
         stock_path = str(stage1 / "model")
         summary["stock_model"] = str(Path(STAGE_FOLDERS[0]) / "model")
-        log(f"[{STAGE_FOLDERS[0]}] already complete, skipped ({stage1})")
+        log(f"{_stage_tag(STAGE_FOLDERS[0])} already complete, skipped ({stage1})")
     else:
         _seed_stage(settings, STAGE_FOLDERS[0])
         if isinstance(backbone, PreTrainedModel):
             stock = copy.deepcopy(backbone)  # the caller's model stays as given (its weights are in the fingerprint)
         else:
-            stock = AutoModelForSequenceClassification.from_pretrained(
-                backbone, num_labels=len(label2id), id2label=id2label, label2id=label2id,
-                ignore_mismatched_sizes=fine_tuned is not None,
-            )
+            stock = _load_stage1_classifier(backbone, id2label, label2id, fine_tuned, log)
         info = _run_stage(
             STAGE_FOLDERS[0], stage1, stock, tokenizer, train_data, eval_data, settings, settings.epochs,
             settings.learning_rate, log=log, callbacks=callbacks, fingerprint=records[0],
@@ -1046,6 +1159,7 @@ def train_magic_pyramid(
 
 __all__ = [
     "MagicPyramidTrainer",
+    "NamedProgressCallback",
     "RecipeSettings",
     "train_magic_pyramid",
     "prepare_dataset",

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,7 +16,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, BertTokenizer, DataCollatorWithPadding, TrainerCallback, TrainingArguments
 
 import hf_magicpyramid  # noqa: F401
 from hf_magicpyramid import MagicPyramidForSequenceClassification
@@ -119,7 +122,8 @@ def test_objective_step_changes_only_its_parameters(tmp_path, tokenizer, encoded
     else:
         assert exits_changed == 0
     logged = trainer.state.log_history[0]
-    assert {"loss_exit1", "loss_exit4", "kept_token_fraction"} <= set(logged)
+    assert {"loss_exit4", "kept_token_fraction"} <= set(logged)
+    assert ("loss_exit1" in logged) == exits_train  # a frozen exit's loss is noise: not logged (issue 16)
     assert 0.5 < logged["kept_token_fraction"] < 1.0  # topk pyramid 1.0 -> 0.5
 
 
@@ -664,3 +668,201 @@ def test_cli_train_with_a_preset(tmp_path, tiny_dir):
     assert config["exit_pooling"] == "mean" and config["token_importance"] == "cls_attention"
     assert config["exit_objective"] == "two_stage"  # the explicit flag beat the preset's "joint"
     assert summary["settings"]["max_length"] == 24 and summary["settings"]["batch_size"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quiet, meaningful logs (issue 16): bars named by stage, only unexpected load reports, only the exits that train
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RecordLogs(TrainerCallback):
+    """Keeps every dict the Trainer logs, with the stage folder it was logged in (or "" outside the recipe)."""
+
+    def __init__(self):
+        self.logs: list[tuple[str, dict]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        stage = next((part for part in Path(args.output_dir).parts if part.startswith("stage")), "")
+        self.logs.append((stage, dict(logs)))
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def transformers_messages():
+    """What transformers' loggers emit meanwhile (they do not propagate to the root logger, so caplog misses them)."""
+    handler = _ListHandler()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def load_reports(messages: list[str]) -> list[str]:
+    return [message for message in messages if "LOAD REPORT" in message]
+
+
+def logged_exits(logs: dict) -> list[int]:
+    return sorted(int(key[len("loss_exit"):]) for key in logs if key.startswith("loss_exit"))
+
+
+@pytest.mark.parametrize(
+    "objective, stage, freeze, exits_logged",
+    [
+        ("self_distillation", 1, "exits", "final"),  # stage 1 of a two-stage objective: the exit heads are frozen
+        ("two_stage", 1, "none", "final"),  # heads not frozen, but no loss reaches them in stage 1
+        ("self_distillation", 2, "backbone", "all"),
+        ("joint", 1, "none", "all"),
+    ],
+)
+def test_only_the_exits_that_train_are_logged(tmp_path, tokenizer, encoded, objective, stage, freeze, exits_logged):
+    model = tiny_pyramid(exit_objective=objective, token_pruning="topk")
+    model.train_stage = stage
+    recorder = RecordLogs()
+    MagicPyramidTrainer(
+        model=model, args=args_for(tmp_path), train_dataset=encoded, processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer), freeze=freeze, callbacks=[recorder],
+    ).train()
+    step_logs = [logs for _, logs in recorder.logs if "loss" in logs]
+    assert len(step_logs) == 2 and model.exit_layers == [1, 2, 3, 4]
+    for logs in step_logs:
+        assert logged_exits(logs) == ([4] if exits_logged == "final" else [1, 2, 3, 4]), logs
+
+
+def test_progress_bars_carry_the_stage_name_and_disable_tqdm_still_hides_them(tmp_path, tokenizer, encoded, capsys):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from hf_magicpyramid.training import NamedProgressCallback
+
+    def trainer(disable_tqdm: bool) -> MagicPyramidTrainer:
+        return MagicPyramidTrainer(
+            model=tiny_pyramid(token_pruning="topk"), args=args_for(tmp_path, disable_tqdm=disable_tqdm),
+            train_dataset=encoded, eval_dataset=encoded, processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer), freeze="exits", progress_description="stage 3/4: pruned fine-tune",
+        )
+
+    shown = trainer(disable_tqdm=False)
+    bars = [c for c in shown.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+    assert [type(c) for c in bars] == [NamedProgressCallback]
+    capsys.readouterr()
+    shown.train()
+    shown.evaluate()
+    err = capsys.readouterr().err
+    assert "stage 3/4: pruned fine-tune: 100%" in err and "2/2" in err
+    assert "stage 3/4: pruned fine-tune (evaluation): " in err
+
+    hidden = trainer(disable_tqdm=True)
+    callbacks = hidden.callback_handler.callbacks
+    assert not any(isinstance(c, ProgressCallback) for c in callbacks) and any(isinstance(c, PrinterCallback) for c in callbacks)
+    hidden.train()
+    hidden.evaluate()
+    captured = capsys.readouterr()
+    assert "pruned fine-tune" not in captured.err + captured.out and "%|" not in captured.err
+    assert "'loss_exit4'" in captured.out  # the logs still print (PrinterCallback)
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory, tiny_dir):
+    """A recipe run ("topk": stages 1, 3, 4) with its bars shown: (its log lines, stderr, transformers' messages,
+    the Trainer's logged dicts by stage)."""
+    out = tmp_path_factory.mktemp("logged") / "run"
+    lines: list[str] = []
+    recorder = RecordLogs()
+    stderr = io.StringIO()
+    with transformers_messages() as messages, contextlib.redirect_stderr(stderr):
+        train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lines.append, callbacks=[recorder],
+                            **dict(SMALL, disable_tqdm=False, logging_steps=1))
+    return lines, stderr.getvalue(), messages, recorder.logs
+
+
+def test_recipe_bars_and_log_lines_are_named_by_stage(logged_run):
+    lines, stderr, _, _ = logged_run
+    for label in ("stage 1/4: fine-tune", "stage 3/4: pruned fine-tune", "stage 4/4: train exits"):
+        assert f"{label}: 100%" in stderr, label  # the training bar
+        assert f"{label} (evaluation): 100%" in stderr, label
+    assert "stage 2/4" not in stderr  # skipped: no bar
+    assert any(line.startswith("stage 1/4: fine-tune [stage1_finetune] done in") for line in lines), lines
+    assert any(line.startswith("stage 2/4: learn pruning [stage2_learn_pruning] skipped: token_pruning='topk'") for line in lines)
+    assert any(line.startswith("stage 3/4: pruned fine-tune [stage3_pruned_finetune] done in") for line in lines)
+    assert any(line.startswith("stage 4/4: train exits [stage4_exits] done in") for line in lines)
+
+
+def test_recipe_run_shows_no_expected_load_report(logged_run):
+    _, stderr, messages, _ = logged_run
+    # (The same capture does see a report: test_stage1_load_report_shows_only_what_is_unexpected's missing weight.)
+    assert load_reports(messages) == [] and "LOAD REPORT" not in stderr
+
+
+def test_recipe_logs_only_the_exits_each_stage_trains(logged_run):
+    _, _, _, logs = logged_run
+    by_stage: dict[str, list[list[int]]] = {}
+    for stage, entry in logs:
+        if "loss" in entry:
+            by_stage.setdefault(stage, []).append(logged_exits(entry))
+    assert by_stage["stage1_finetune"] == [[]] * 3  # the stock model: no exits
+    assert by_stage["stage3_pruned_finetune"] == [[4]] * 3  # exit heads frozen: the final exit only
+    assert by_stage["stage4_exits"] == [[1, 2, 3, 4]] * 3
+
+
+def _drop_weight(folder: Path, fragment: str) -> str:
+    """Remove the first tensor whose name contains `fragment` from `folder/model.safetensors`; returns its name."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    name = next(key for key in weights if fragment in key)
+    del weights[name]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return name
+
+
+@pytest.mark.parametrize("backbone", ["bare encoder", "encoder missing a weight", "classifier of other labels"])
+def test_stage1_load_report_shows_only_what_is_unexpected(tmp_path, tiny_dir, backbone):
+    import shutil
+
+    folder = tmp_path / "backbone"
+    shutil.copytree(tiny_dir, folder)
+    if backbone == "encoder missing a weight":
+        dropped = _drop_weight(folder, "layer.0.attention.self.query.weight")
+    elif backbone == "classifier of other labels":
+        stock = tiny_stock("bert", num_labels=3)
+        stock.config.id2label, stock.config.label2id = {0: "a", 1: "b", 2: "c"}, {"a": 0, "b": 1, "c": 2}
+        stock.save_pretrained(str(folder))
+    lines: list[str] = []
+    with transformers_messages() as messages, pytest.raises(_Interrupt):
+        train_magic_pyramid(str(folder), *small_data(), tmp_path / "run", log=lines.append,
+                            callbacks=[InterruptAtStageStart("stage1")], **SMALL)  # stops right after the load
+    reports = load_reports(messages)
+    if backbone == "encoder missing a weight":
+        assert len(reports) == 1 and f"bert.{dropped}" in reports[0] and "MISSING" in reports[0]
+    else:
+        assert reports == []
+    replaced = [line for line in lines if "does not fit the data's 2 labels: a new head is trained" in line]
+    assert len(replaced) == (backbone == "classifier of other labels")
+    assert not any("num_labels" in message for message in messages), messages  # no warning about our own arguments
+
+
+def test_encoder_from_a_saved_classifier_reports_only_missing_encoder_weights(tmp_path, finished_run):
+    import shutil
+
+    from hf_magicpyramid import MagicPyramidModel
+
+    with transformers_messages() as messages:
+        encoder = AutoModel.from_pretrained(str(finished_run[0]))  # exits and heads unused: expected
+    assert isinstance(encoder, MagicPyramidModel) and load_reports(messages) == []
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished_run[0], damaged)
+    dropped = _drop_weight(damaged, "encoder.layer.0.attention.self.query.weight")
+    with transformers_messages() as messages, pytest.raises(ValueError, match="does not fit its config.json"):
+        MagicPyramidModel.from_pretrained(str(damaged))  # strict, as serving made it
+    reports = load_reports(messages)
+    assert len(reports) == 1 and dropped.replace("backbone.bert.", "backbone.") in reports[0] and "exits." not in reports[0]
