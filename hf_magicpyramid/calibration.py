@@ -49,6 +49,8 @@ Calibration result (`calibration.json`, beside config.json). One JSON object (co
           "mean_exit_layer": 3.2,                   # mean 1-based layer at which samples exited
           "kept_token_fraction": 0.71,              # token-layers run / token-layers without pruning, in [0, 1]
           "flops_ratio": 0.41,                      # FLOPs / the stock model's (0.41 = 59% fewer)
+          "difference": -0.4,                       # optional: points vs the reference, paired over the same samples
+          "difference_interval": 1.1,               # optional: that difference's 95% half-width (`paired_difference`)
           "measured_speedup": 2.2                   # optional: stock wall-clock time / this setting's, when measured
         }
       ]
@@ -208,6 +210,31 @@ def frontier(points: list[dict]) -> list[dict]:
             kept.append(point)
             best = point["accuracy"]
     return kept
+
+
+def paired_difference(correct, reference_correct) -> tuple[float, float]:
+    """(difference, half-width) in accuracy points of one setting against the reference, paired over the same samples.
+
+    `correct` and `reference_correct` are per-sample 0/1 (or bool) sequences of equal length. The difference is
+    mean(correct - reference) * 100 (negative: the setting is less accurate); the half-width is the normal 95%
+    interval's, 1.96 · sd(correct - reference) / sqrt(n) · 100, with the sample standard deviation (0 when n < 2).
+    """
+    setting = torch.as_tensor(correct, dtype=torch.float64)
+    reference = torch.as_tensor(reference_correct, dtype=torch.float64)
+    if setting.shape != reference.shape or setting.dim() != 1:
+        raise ValueError(f"paired_difference needs two per-sample sequences of one length, got {tuple(setting.shape)} and {tuple(reference.shape)}.")
+    differences = setting - reference
+    n = differences.numel()
+    half_width = 0.0 if n < 2 else float(1.96 * differences.std(correction=1) / math.sqrt(n) * 100)
+    return float(differences.mean() * 100) if n else 0.0, half_width
+
+
+def samples_to_resolve(half_width: float, num_samples: int, budget: float) -> int | None:
+    """About how many samples would shrink a paired interval of `half_width` points (measured on `num_samples`) to
+    `budget` points (the half-width falls as 1/sqrt(n)). None when `budget` is not positive."""
+    if budget <= 0:
+        return None
+    return max(num_samples, math.ceil(num_samples * (half_width / budget) ** 2))
 
 
 def choose_point(points: list[dict], reference_accuracy: float, max_drop: float) -> tuple[dict, bool]:
@@ -513,6 +540,9 @@ def calibrate(
                 "pruning": not _pruning_off(knob, value),
             }
             point["flops_speedup"] = round(1.0 / max(point["flops_ratio"], 1e-9), 3)
+            difference, half_width = paired_difference(right, stock_correct)
+            point["difference"] = round(difference, 3)  # vs the reference, paired over the same samples
+            point["difference_interval"] = round(half_width, 3)  # its 95% half-width
             if keep_correct:  # per-sample correctness, for paired comparisons (not written to calibration.json)
                 point["_correct"] = right.tolist()
             points.append(point)
@@ -722,6 +752,14 @@ def calibrate_folder(
                 f"setting measured instead: {_describe_setting(chosen['setting'])} at {chosen['accuracy']:.2f}% "
                 f"({chosen['accuracy'] - report['reference_accuracy']:+.2f} points), FLOPs ratio {chosen['flops_ratio']:.3f}."
             )
+        interval = chosen.get("difference_interval")
+        if interval is not None and max_drop > 0 and interval > max_drop:
+            needed = samples_to_resolve(interval, report["num_samples"], max_drop)
+            log(
+                f"NOTE: on {report['num_samples']} samples the chosen setting's difference to the reference is "
+                f"{chosen['difference']:+.2f} ± {interval:.2f} points (paired 95%), wider than the {max_drop}-point budget: "
+                f"this validation set cannot tell whether the budget holds. About {needed} samples would resolve it."
+            )
         model.set_speed(**chosen["setting"])  # None: never exit early, as in the config
         model.sync_config()
         model.config.to_json_file(str(model_dir / "config.json"), use_diff=True)
@@ -771,6 +809,8 @@ def _device_description() -> str:
 
 
 __all__ = [
+    "paired_difference",
+    "samples_to_resolve",
     "CALIBRATION_JSON",
     "CALIBRATION_PNG",
     "FORMAT_NAME",

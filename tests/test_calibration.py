@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -381,3 +382,31 @@ def test_save_report_writes_what_load_calibration_reads(tmp_path, tokenizer):
     assert "table" not in data and "_correct" not in data["stock"] and all("_correct" not in p for p in data["points"])
     assert data["budget_met"] == report["budget_met"] and data["chosen"]["setting"] == report["chosen"]["setting"]
     assert len(data["points"]) == len(report["points"])
+    # Each point carries its paired difference to the reference, computed from the same per-sample results.
+    from hf_magicpyramid.calibration import paired_difference
+
+    for point in report["points"]:
+        difference, half_width = paired_difference(point["_correct"], report["stock"]["_correct"])
+        assert (point["difference"], point["difference_interval"]) == (round(difference, 3), round(half_width, 3))
+        assert point["difference"] == pytest.approx(point["accuracy"] - report["reference_accuracy"], abs=2e-3)
+
+
+def test_paired_difference_on_hand_made_predictions():
+    from hf_magicpyramid.calibration import paired_difference, samples_to_resolve
+
+    setting = [1, 1, 0, 1, 0]
+    reference = [1, 0, 0, 1, 1]
+    difference, half_width = paired_difference(setting, reference)
+    # d = [0, 1, 0, 0, -1]: mean 0; sample sd sqrt(2 / 4); half-width 1.96 * sd / sqrt(5), in points
+    assert difference == 0.0
+    assert half_width == pytest.approx(1.96 * math.sqrt(0.5) / math.sqrt(5) * 100)
+    difference, half_width = paired_difference([True, True, True, True], [True, False, True, False])
+    assert difference == pytest.approx(50.0)  # two samples gained, none lost
+    assert half_width == pytest.approx(1.96 * math.sqrt(1 / 3) / 2 * 100)  # d = [0, 1, 0, 1]: sd sqrt(1/3)
+    assert paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0)  # identical predictions: no uncertainty
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference([1, 0], [1, 0, 1])
+    # The half-width falls as 1/sqrt(n): a 2-point interval on 400 samples needs 16x the samples for 0.5 points.
+    assert samples_to_resolve(2.0, 400, 0.5) == 6400
+    assert samples_to_resolve(0.3, 400, 0.5) == 400  # already resolved
+    assert samples_to_resolve(2.0, 400, 0.0) is None
