@@ -68,7 +68,7 @@ from transformers.trainer_utils import has_length
 
 from .arguments import RecipeSettings
 from .configuration_magic_pyramid import MagicPyramidConfig, exact_speed
-from .data import infer_labels, label_names_of, load_named_dataset, load_text_files, prepare_dataset
+from .data import infer_labels, load_named_dataset, load_text_files, prepare_dataset
 from .exits import task_loss
 from .modeling_magic_pyramid import MagicPyramidForSequenceClassification
 
@@ -413,25 +413,24 @@ def _training_args(output_dir: Path, settings: RecipeSettings, epochs: float, le
 # partial folder beside the last complete one, and `get_last_checkpoint` (the highest number) would pick the partial one.
 
 
+# How safetensors words a file that ends early (its header or data not fully there).
+_SAFETENSORS_TRUNCATED = ("incomplete metadata", "header too small", "invalid header length")
+
+
 def _safetensors_problem(path: Path) -> str | None:
-    """Why a .safetensors file is not whole (missing, truncated, unreadable header), or None."""
+    """Why a .safetensors file is not whole (missing, truncated, unreadable header), or None. `safe_open` checks that
+    the header parses and that the file covers every tensor's bytes; it reads no tensor data."""
+    from safetensors import safe_open
+
     if not path.is_file():
         return f"{path.name} is missing"
-    size = path.stat().st_size
-    if size < 8:
-        return f"{path.name} is truncated ({size} bytes)"
     try:
-        with open(path, "rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            if size < 8 + header_length:
-                return f"{path.name} is truncated ({size} bytes, its header alone needs {8 + header_length})"
-            header = json.loads(handle.read(header_length))
-        data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    except (OSError, ValueError, AttributeError, KeyError, TypeError, IndexError) as error:
-        return f"{path.name} has an unreadable header ({type(error).__name__})"
-    if size < 8 + header_length + data_end:
-        return f"{path.name} is truncated ({size} of {8 + header_length + data_end} bytes)"
-    return None
+        with safe_open(path, framework="pt"):
+            return None
+    except Exception as error:  # safetensors raises its own SafetensorError (not an OSError subclass)
+        if any(words in str(error) for words in _SAFETENSORS_TRUNCATED):
+            return f"{path.name} is truncated ({path.stat().st_size} bytes)"
+        return f"{path.name} has an unreadable header ({error})"
 
 
 def checkpoint_problem(checkpoint) -> str | None:
