@@ -41,4 +41,15 @@ __all__ = [
     "MagicPyramidClassifierOutput",
     "MagicPyramidModelOutput",
     "SUPPORTED_BACKBONES",
+    "predict_file",
+    "predict_texts",
 ]
+
+
+def __getattr__(name):
+    # `predict_file` / `predict_texts` load on first use: they need `datasets` (through .data), which the model does not.
+    if name in ("predict_file", "predict_texts"):
+        from . import predict
+
+        return getattr(predict, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

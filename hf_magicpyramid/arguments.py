@@ -302,6 +302,52 @@ class PushArguments:
     allow_missing_tokenizer: bool = _arg(False, "Push even when the folder has no tokenizer.")
 
 
+@dataclass(kw_only=True)
+class PredictArguments:
+    """What `predict` classifies, with which model, and where it writes."""
+
+    _argument_group_name = "predict"
+
+    model_name_or_path: str = _arg(help="The model: a Magic Pyramid folder (train's --output_dir) or Hub id, or any "
+                                   "fine-tuned XxxForSequenceClassification.", aliases=("model",))
+    input: str = _arg(help="The file to classify: .csv, .tsv, .jsonl / .json (JSON lines) or .parquet, of any size.",
+                      aliases=("input_file",))
+    output: str | None = _arg(None, "Where to write: the input's format (CSV and TSV may be swapped). Default: "
+                              "INPUT.predictions.EXT beside the input.", ("output_file",))
+    text_column: str = _arg("text", "Column with the text.")
+    text_pair_column: str | None = _arg(None, "Optional second text column (sentence pairs).")
+    batch_size: int = _arg(32, "Rows per model call.", ("per_device_eval_batch_size",))
+    max_length: int = _arg(DEFAULT_MAX_LENGTH, "Tokens per input after truncation (use train's --max_seq_length).",
+                           ("max_seq_length",))
+    exit_threshold: float | None = _arg(None, "Early-exit threshold for this run (Magic Pyramid models). Default: the "
+                                        "model's stored speed.")
+    keep_ratio_scale: float | None = _arg(None, "Token-pruning scale for this run (Magic Pyramid models). Default: the "
+                                          "model's stored speed.")
+    on_bad_row: Literal["fail", "skip"] = _arg(
+        "fail", "A row with an empty or non-string text, a missing column or an undecodable line: `fail` stops naming "
+        "its line; `skip` writes it with an empty label and the reason in an `error` column.")
+    quantize: Literal["int8"] | None = _arg(None, "`int8`: dynamic int8 quantization of the linear layers (CPU).")
+    chunk_size: int = _arg(4096, "Rows read, sorted by length, classified and committed at a time: bounds the memory "
+                           "and the work redone after an interruption.")
+    sort_by_length: bool = _arg(True, "Batch each chunk's rows by token count (--no_sort_by_length: batches in input "
+                                "order).")
+    overwrite: bool = _arg(False, "Replace an existing output file, and discard an unfinished run of another command "
+                           "(otherwise a rerun of the same command resumes it).")
+    device: str | None = _arg(None, "cpu, cuda, cuda:1, ... Default: the GPU of this rank when there is one, else "
+                              "the CPU.")
+
+    def __post_init__(self):
+        check_count("batch_size", self.batch_size)
+        check_count("max_length", self.max_length)
+        check_count("chunk_size", self.chunk_size)
+        check_choice("on_bad_row", self.on_bad_row, ("fail", "skip"))
+        check_choice("quantize", self.quantize, ("int8",), optional=True)
+        if self.exit_threshold is not None:
+            check_between("exit_threshold", self.exit_threshold, 0.0, 1.0)
+        if self.keep_ratio_scale is not None:
+            check_between("keep_ratio_scale", self.keep_ratio_scale, 0.0, 10.0)
+
+
 __all__ = [
     "RecipeSettings",
     "DataArguments",
@@ -309,6 +355,7 @@ __all__ = [
     "TrainRunArguments",
     "SweepArguments",
     "PushArguments",
+    "PredictArguments",
     "DEFAULT_MAX_LENGTH",
     "parse_pyramid_options",
 ]

@@ -29,6 +29,7 @@ from .arguments import (
     TrainRunArguments,
     parse_pyramid_options,
 )
+from .arguments import PredictArguments
 
 PROG = "hf-magicpyramid"
 
@@ -92,6 +93,22 @@ COMMANDS = {
         PUSH_EPILOG,
     ),
 }
+
+PREDICT_EPILOG = f"""examples:
+  {PROG} predict --model out/mine --input reviews.csv --output reviews.scored.csv
+  {PROG} predict --model out/mine --input big.jsonl --output big.out.jsonl --on_bad_row skip --exit_threshold 0.3
+  # 2 processes (each with half the cores): rank r classifies chunks r, r+2, ...; rank 0 merges
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m hf_magicpyramid.cli predict --model out/mine --input big.csv --output out.csv
+
+Rerun the same command after an interruption to resume from the last finished chunk (kept in OUTPUT.parts/)."""
+
+COMMANDS["predict"] = (
+    (PredictArguments,),
+    "Classify a CSV, TSV, JSON lines or Parquet file of any size: streamed, length-bucketed, resumable, torchrun-ready.",
+    "Writes the input's rows in order with `label`, `score` and `exit_layer` (and `id` when the input has none) added. "
+    "Reads and commits --chunk_size rows at a time, so memory does not grow with the file.",
+    PREDICT_EPILOG,
+)
 
 _NOT_GIVEN = object()  # marks a flag that was not on the command line
 
@@ -254,6 +271,29 @@ def run_push(push: PushArguments) -> int:
 
 
 RUNS = {"train": run_train, "sweep": run_sweep, "push": run_push}
+
+
+def run_predict(arguments: PredictArguments) -> int:
+    """Classify a file with `predict.predict_file`; print its summary (rank 0). Returns the exit code."""
+    import dataclasses as _dataclasses
+    import logging
+
+    from .predict import predict_file
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options = {f.name: getattr(arguments, f.name) for f in _dataclasses.fields(arguments)}
+    model, input_file, output_file = options.pop("model_name_or_path"), options.pop("input"), options.pop("output")
+    try:
+        summary = predict_file(model, input_file, output_file, **options)
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if summary["rank"] == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+RUNS["predict"] = run_predict
 
 
 def main(argv: list[str] | None = None) -> int:
