@@ -317,6 +317,7 @@ def test_predict_file_memory_is_bounded_by_the_chunk(tmp_path, tokenizer):
 # Restart
 # ---------------------------------------------------------------------------------------------------------------------
 
+RUN_OPTIONS = dict(chunk_size=8, batch_size=4, max_length=128, on_bad_row="skip", progress=False)  # as RUN's
 RUN = """
 import sys
 from hf_magicpyramid.predict import predict_file
@@ -335,12 +336,6 @@ def _run(model_dir, source, output, chunk_size=8, max_length=128, stop_after=Non
                            str(max_length)], env=env, capture_output=True, text=True, timeout=300)
 
 
-def _summary(completed) -> dict:
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    line = [line for line in completed.stdout.splitlines() if line.startswith("SUMMARY ")][-1]
-    return json.loads(line[len("SUMMARY "):])
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_without_lost_or_duplicated_rows(tmp_path, model_dir):
     texts = _texts(60, seed=7)
@@ -348,7 +343,7 @@ def test_killed_run_resumes_without_lost_or_duplicated_rows(tmp_path, model_dir)
     rows_in[13]["text"] = ""  # a skipped bad row travels through the restart too
     source = _write(tmp_path / "in.csv", rows_in)
     reference = tmp_path / "reference.csv"
-    _summary(_run(model_dir, source, reference))
+    predict_file(model_dir, source, reference, **RUN_OPTIONS)
 
     output = tmp_path / "out.csv"
     killed = _run(model_dir, source, output, stop_after=3)
@@ -356,9 +351,9 @@ def test_killed_run_resumes_without_lost_or_duplicated_rows(tmp_path, model_dir)
     parts = tmp_path / "out.csv.parts"
     assert not output.exists() and len(list(parts.glob("chunk-*"))) == 3
     # A different setting over the unfinished run is refused, naming what differs.
-    refused = _run(model_dir, source, output, max_length=64)
-    assert refused.returncode != 0 and "max_length (128 then, 64 now)" in refused.stderr
-    summary = _summary(_run(model_dir, source, output))
+    with pytest.raises(ValueError, match=r"max_length \(128 then, 64 now\)"):
+        predict_file(model_dir, source, output, **{**RUN_OPTIONS, "max_length": 64})
+    summary = predict_file(model_dir, source, output, **RUN_OPTIONS)
     assert summary["resumed_chunks"] == 3 and summary["classified_rows"] == 60 - 3 * 8 and summary["rows"] == 60
     assert output.read_bytes() == reference.read_bytes()
     assert [row["k"] for row in _read(output)] == [str(i) for i in range(60)]
@@ -389,7 +384,8 @@ def test_output_format_must_match_the_input(tmp_path, tokenizer):
 TORCHRUN = """
 import json, os, sys
 from hf_magicpyramid.predict import predict_file
-summary = predict_file(sys.argv[1], sys.argv[2], sys.argv[3], chunk_size=8, batch_size=4, progress=False)
+summary = predict_file(sys.argv[1], sys.argv[2], sys.argv[3], chunk_size=8, batch_size=4, on_bad_row="skip",
+                       progress=False)
 with open(os.path.join(sys.argv[4], f"rank{summary['rank']}.json"), "w") as handle:
     json.dump(summary, handle)
 """
@@ -400,7 +396,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
     texts = _texts(61, seed=11)
     source = _write(tmp_path / "in.jsonl", [{"text": t, "k": i} for i, t in enumerate(texts)])
     single = tmp_path / "single.jsonl"
-    _summary(_run(model_dir, source, single))
+    predict_file(model_dir, source, single, **RUN_OPTIONS)
 
     script = tmp_path / "run.py"
     script.write_text(TORCHRUN)
@@ -415,7 +411,12 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
     # Disjoint shards that cover the file: chunks 0, 2, 4, 6 (8 rows each) on rank 0; 1, 3, 5, 7 (the last has 5) on 1.
     assert [r["classified_rows"] for r in ranks] == [32, 29]
     assert output.read_bytes() == single.read_bytes()
-    assert [row["k"] for row in _read(output)] == list(range(61))
+    rows = _read(output)
+    assert [row["k"] for row in rows] == list(range(61))
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()  # at its stored speed, KNOBS
+    _assert_matches(rows, _row_by_row(model, AutoTokenizer.from_pretrained(model_dir), texts))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
