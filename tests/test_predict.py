@@ -469,3 +469,24 @@ def test_real_model_file_equals_row_by_row(tmp_path):
                  exit_threshold=0.5, progress=False)
     expected = _row_by_row(model, tokenizer, texts, exit_threshold=0.5)
     _assert_matches(_read(tmp_path / "out.csv"), expected)
+
+
+def test_quantize_int8_runs_the_quantized_model(tmp_path, tokenizer):
+    from hf_magicpyramid.quantization import quantize_model
+
+    model = tiny_stock("bert", num_labels=3, initializer_range=INIT)
+    texts = _texts(20, seed=9)
+    source = _write(tmp_path / "in.csv", [{"text": t} for t in texts])
+    # Batches of one: int8 activations are scaled per batch, so only a row alone is comparable to a row alone.
+    predict_file(model, source, tmp_path / "out.csv", tokenizer=tokenizer, quantize="int8", chunk_size=8, batch_size=1,
+                 progress=False)
+    rows = _read(tmp_path / "out.csv")
+    quantized = _row_by_row(quantize_model(model), tokenizer, texts)
+    full = _row_by_row(model, tokenizer, texts)
+    # The int8 model ran (its scores, not the fp32 ones), and the fp32 model was left as it was.
+    assert max(abs(float(r["score"]) - q[1]) for r, q in zip(rows, quantized)) <= 1e-5
+    assert max(abs(float(r["score"]) - f[1]) for r, f in zip(rows, full)) > 1e-3
+    assert [r["label"] for r in rows] == [q[0] for q in quantized]
+    assert not hasattr(model, "quantization")
+    with pytest.raises(ValueError, match="quantize='int4' is not supported"):
+        predict_file(model, source, tmp_path / "out2.csv", tokenizer=tokenizer, quantize="int4")
