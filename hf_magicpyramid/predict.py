@@ -143,7 +143,8 @@ def _load_model(model, tokenizer, device, quantize):
 
     from . import MagicPyramidConfig  # noqa: F401  (registers the Auto classes)
 
-    if isinstance(model, (str, os.PathLike)):
+    loaded_here = isinstance(model, (str, os.PathLike))
+    if loaded_here:
         name = str(model)
         loaded = AutoModelForSequenceClassification.from_pretrained(name)
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(name)
@@ -155,7 +156,9 @@ def _load_model(model, tokenizer, device, quantize):
     description = _model_fingerprint(model)  # before quantizing: the fingerprint says which weights
     model.eval()
     if device is None:
-        device = _default_device()
+        # A loaded model goes to this rank's GPU when there is one; a model object stays where the caller put it.
+        # int8 runs on the CPU only.
+        device = ("cpu" if quantize else _default_device()) if loaded_here else next(model.parameters()).device
     model.to(device)
     if quantize is not None:
         if quantize != "int8":
@@ -545,6 +548,9 @@ def _write_part(path: Path, layout: _Layout, chunk: _Chunk, labels, scores, exit
                 cells = list(chunk.records[i][:width]) + [""] * max(0, width - len(chunk.records[i]))
                 added = layout.added_values(ids[i], labels[i], "" if chunk.errors[i] else repr(scores[i]),
                                             exits[i], chunk.errors[i])
+                if fmt == "tsv" and any(("\t" in c or "\n" in c or "\r" in c) for c in cells if isinstance(c, str)):
+                    raise ValueError(f"{chunk.places[i]} holds a tab or a line break, which a TSV output cannot hold: "
+                                     "write the output as .csv.")
                 writer.writerow(cells + [added[name] for name in layout.added])
     elif fmt == "jsonl":
         with open(path, "w", encoding="utf-8", newline="\n") as handle:

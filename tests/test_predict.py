@@ -490,3 +490,9 @@ def test_quantize_int8_runs_the_quantized_model(tmp_path, tokenizer):
     assert not hasattr(model, "quantization")
     with pytest.raises(ValueError, match="quantize='int4' is not supported"):
         predict_file(model, source, tmp_path / "out2.csv", tokenizer=tokenizer, quantize="int4")
+
+
+def test_csv_to_tsv_refuses_a_cell_tsv_cannot_hold(tmp_path, tokenizer):
+    source = _write(tmp_path / "in.csv", [{"text": GOOD}, {"text": "w1\tw2"}])
+    with pytest.raises(ValueError, match="line 3 holds a tab or a line break.*as .csv"):
+        predict_file(_pyramid(), source, tmp_path / "out.tsv", tokenizer=tokenizer, progress=False)
