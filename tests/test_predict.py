@@ -351,6 +351,8 @@ def test_killed_run_resumes_without_lost_or_duplicated_rows(tmp_path, model_dir)
     parts = tmp_path / "out.csv.parts"
     assert not output.exists() and len(list(parts.glob("chunk-*"))) == 3
     # A different setting over the unfinished run is refused, naming what differs.
+    # A kill in the middle of writing leaves a temporary part behind: it is never taken for a finished chunk.
+    (parts / "chunk-000000003-8.csv.tmp99999").write_text("half a chunk")
     with pytest.raises(ValueError, match=r"max_length \(128 then, 64 now\)"):
         predict_file(model_dir, source, output, **{**RUN_OPTIONS, "max_length": 64})
     summary = predict_file(model_dir, source, output, **RUN_OPTIONS)
