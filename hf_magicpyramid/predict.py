@@ -307,9 +307,9 @@ class _Reader:
             if len(chunk) == self.chunk_size:
                 yield chunk
                 chunk = _Chunk(chunk.index + 1, count)
-        if len(chunk) or count == 0:
-            if count == 0:
-                raise ValueError(f"The input file {self.path} holds no rows: pass a file with data.")
+        if count == 0:
+            raise ValueError(f"The input file {self.path} holds no rows: pass a file with data.")
+        if len(chunk):
             yield chunk
 
     def _missing_column(self, column: str, role: str):
@@ -546,8 +546,9 @@ def _write_part(path: Path, layout: _Layout, chunk: _Chunk, labels, scores, exit
             writer = _csv_writer(handle, fmt)
             for i in rows:
                 cells = list(chunk.records[i][:width]) + [""] * max(0, width - len(chunk.records[i]))
-                added = layout.added_values(ids[i], labels[i], "" if chunk.errors[i] else repr(scores[i]),
-                                            exits[i], chunk.errors[i])
+                bad = bool(chunk.errors[i])
+                added = layout.added_values(ids[i], labels[i], "" if bad else repr(scores[i]), "" if bad else exits[i],
+                                            chunk.errors[i])
                 if fmt == "tsv" and any(("\t" in c or "\n" in c or "\r" in c) for c in cells if isinstance(c, str)):
                     raise ValueError(f"{chunk.places[i]} holds a tab or a line break, which a TSV output cannot hold: "
                                      "write the output as .csv.")

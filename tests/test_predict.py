@@ -254,7 +254,7 @@ def test_bad_row_skip_keeps_the_row_with_its_error(tmp_path, tokenizer, case, ca
     assert summary["rows"] == count == len(rows) and summary["bad_rows"] == 1
     bad = [row for row in rows if row["error"]]
     assert len(bad) == 1 and bad[0]["error"].startswith(f"{place}: ") and why in bad[0]["error"]
-    assert bad[0]["label"] in ("", None)
+    assert bad[0]["label"] == "" and bad[0]["score"] in ("", None) and bad[0]["exit_layer"] in ("", None)
     assert all(row["label"] and row["error"] == "" for row in rows if row is not bad[0])
     assert [int(row["id"]) for row in rows] == [0, 1, 2]
     assert place in caplog.text
