@@ -27,6 +27,7 @@ from .configuration_magic_pyramid import (
     MagicPyramidConfig,
     check_keep_ratios,
 )
+from .quantization import QUANTIZATION_METHODS
 
 DEFAULT_MAX_LENGTH = 128
 # MagicPyramidConfig fields (the backbone and the labels come from the backbone and the data, never from settings).
@@ -271,8 +272,13 @@ class SweepArguments:
     batch_size: int = _arg(32, "Batch size of the measurements.", ("per_device_eval_batch_size",))
     batch1_samples: int = _arg(100, "Samples timed one at a time (0 skips the batch-1 timing).")
     report_dir: str | None = _arg(None, "Where calibration.json and calibration.png go. Default: the model folder.")
+    quantize: str | None = _arg(
+        None, "Calibrate the model quantized this way (int8: dynamic int8 Linear layers, CPU), against the fp32 stock "
+        "model. Writes calibration_int8.json / .png; with --max_drop its default speed is stored there (applied by "
+        "hf_magicpyramid.load_quantized), config.json keeps the fp32 default.")
 
     def __post_init__(self):
+        check_choice("quantize", self.quantize, QUANTIZATION_METHODS, optional=True)
         if self.max_drop is not None and not _is_number(self.max_drop):
             raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
         check_count("max_length", self.max_length)

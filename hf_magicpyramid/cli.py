@@ -216,6 +216,7 @@ def run_sweep(sweep: SweepArguments, data: EvalDataArguments) -> int:
         batch1_samples=sweep.batch1_samples,
         max_drop=sweep.max_drop,
         report_dir=sweep.report_dir,
+        quantize=sweep.quantize,
         dataset_name=f"{data.dataset or data.validation_file} (validation)",
     )
     print(result["table"])

@@ -29,6 +29,9 @@ import warnings
 
 import torch
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 QUANTIZATION_METHODS = ("int8",)
 _QUANTIZED_ATTRIBUTE = "quantization"  # set on the returned model: which method produced it
@@ -82,13 +85,29 @@ def quantization_of(model: nn.Module) -> str | None:
 def load_quantized(path, method: str = "int8", **from_pretrained_kwargs) -> nn.Module:
     """Load a saved classifier (Magic Pyramid or stock) with `AutoModelForSequenceClassification` and quantize it.
 
-    Returns the quantized model, eval mode, on CPU.
+    A Magic Pyramid folder swept with `hf-magicpyramid sweep --quantize int8` holds a speed calibrated for the int8
+    model (`calibration_int8.json`): it is applied here, while config.json keeps the fp32 model's default for fp32 loads.
+    Without one, the fp32-calibrated default speed is used, with a warning (int8 moves the exits' confidences, so the
+    accuracy that speed was chosen for may not hold). Returns the quantized model, eval mode, on CPU.
     """
     from transformers import AutoModelForSequenceClassification
 
+    from .calibration import quantized_default
+
     check_method(method)
     model = AutoModelForSequenceClassification.from_pretrained(path, **from_pretrained_kwargs)
-    return quantize_model(model, method)
+    quantized = quantize_model(model, method)
+    if hasattr(quantized, "set_speed"):
+        setting = quantized_default(path, method)
+        if setting is not None:
+            quantized.set_speed(**setting)
+        elif quantized.config.exit_threshold is not None or quantized.config.patience is not None:
+            logger.warning(
+                f"{path} has no speed calibrated for the {method} model (calibration_{method}.json): using the fp32 "
+                f"default {quantized.config.exit_threshold=}, {quantized.config.patience=}. int8 moves the exits' "
+                f"confidences; run `hf-magicpyramid sweep --model {path} --quantize {method} --max_drop ...` to calibrate it."
+            )
+    return quantized
 
 
 __all__ = ["QUANTIZATION_METHODS", "check_method", "quantize_model", "quantization_of", "load_quantized"]
