@@ -144,6 +144,22 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
         ) from error
 
 
+def _quantize_graph(source: Path, target: Path) -> None:
+    """int8 dynamic quantization of one graph (int8 weights, activations quantized per call), without the
+    "consider pre-processing" notice it logs for every graph (shape inference changes nothing for these graphs)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
 def export_pyramid(model, directory, quantize: str | None = None, log=print) -> Path:
     """Export `model` (a MagicPyramidForSequenceClassification, fp32) as ONNX graphs into `directory`; with
     `quantize="int8"` also write `<name>.int8.onnx` beside each. Returns `directory`. Raises `OnnxExportError`."""
@@ -180,10 +196,8 @@ def export_pyramid(model, directory, quantize: str | None = None, log=print) -> 
     _export(_Final(model), (hidden, attention_mask), directory / "final.onnx", ["hidden", "attention_mask"], ["logits"], family)
     names.append("final")
     if quantize == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         for name in names:
-            quantize_dynamic(str(directory / f"{name}.onnx"), str(directory / f"{name}.int8.onnx"), weight_type=QuantType.QInt8)
+            _quantize_graph(directory / f"{name}.onnx", directory / f"{name}.int8.onnx")
     manifest = {"family": family, "opset": OPSET, "num_layers": num_layers, "exit_layers": list(model.exit_layers),
                 "scores_layers": scores_layers, "graphs": names, "int8": quantize == "int8"}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -325,9 +339,7 @@ class OnnxStock:
         if quantize == "int8":
             path = self.directory / "stock.int8.onnx"
             if not path.is_file():
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8)
+                _quantize_graph(fp32, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
