@@ -308,6 +308,12 @@ class PushArguments:
     allow_missing_tokenizer: bool = _arg(False, "Push even when the folder has no tokenizer.")
 
 
+def _bench_lines() -> list[str]:
+    from .bench import LINES  # declared once, where the lines are built
+
+    return list(LINES)
+
+
 @dataclass(kw_only=True)
 class BenchArguments:
     """What `bench` measures, on which data, and where it writes."""
@@ -333,10 +339,7 @@ class BenchArguments:
     latency_samples: int = _arg(100, "Samples timed one at a time for the batch-1 latency.")
     rounds: int = _arg(3, "Interleaved timing rounds (each times every line in turn); medians over rounds.")
     lines: list[str] = _arg(help="The lines to measure (stock is always measured). Default: all; a slender line "
-                            "needs --slender.", default_factory=lambda: ["stock", "stock_int8", "stock_compiled",
-                                                                         "stock_ort", "stock_ort_int8", "pyramid",
-                                                                         "pyramid_int8", "pyramid_compiled",
-                                                                         "pyramid_ort", "pyramid_ort_int8", "slender"])
+                            "needs --slender.", default_factory=lambda: _bench_lines())
     threads: int | None = _arg(None, "torch and ONNX Runtime intra-op threads. Default: torch's default.")
     compile_backend: str = _arg("inductor", "torch.compile backend of the compiled lines (inductor needs a C++ compiler; "
                                 "'eager' only checks that the code compiles, it is not faster).")
@@ -352,10 +355,8 @@ class BenchArguments:
         check_count("latency_samples", self.latency_samples)
         check_count("rounds", self.rounds)
         check_count("threads", self.threads, optional=True)
-        from .bench import LINES
-
         for line in self.lines:
-            check_choice("lines", line, LINES)
+            check_choice("lines", line, _bench_lines())
 
 
 __all__ = [

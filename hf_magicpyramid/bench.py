@@ -116,7 +116,7 @@ def _forward(model, pyramid: bool = False):
     return call
 
 
-def _compile_layers(model, backend: str):
+def compile_layers(model, backend: str = "inductor"):
     """A copy of `model` whose layer modules run under torch.compile(dynamic=True): batch and sequence sizes vary
     from call to call (samples exit, tokens are pruned), so static shapes would recompile on every new shape."""
     compiled = copy.deepcopy(model)
@@ -201,7 +201,7 @@ def build_lines(model_dir, stock_path, slender, wanted, work_dir, compile_backen
         line.parameters, line.disk_bytes = _parameters(pyramid), _state_bytes(quantized)
 
     def pyramid_compiled(line):
-        compiled = _compile_layers(pyramid, compile_backend)
+        compiled = compile_layers(pyramid, compile_backend)
         line.call, line.flops = _forward(compiled, pyramid=True), _pyramid_flops(compiled)
         line.parameters, line.disk_bytes = _parameters(pyramid), _folder_bytes(model_dir)
         line.note = _speed_note(pyramid.config) + f", backend {compile_backend}"
@@ -400,6 +400,7 @@ def run_bench(
             for line in built
         ],
     }
+    report["targets"] = check_targets(report)
     report["output_dir"] = str(output_dir)
     write_report(report, output_dir)
     log(format_markdown(report))
@@ -452,6 +453,39 @@ def _header(dataset_name, num_samples, max_length, rounds, batch_sizes, latency_
     }
 
 
+# The issue's targets: (reference line, factor, batch sizes it applies to: "all" or 1).
+TARGETS = (("stock_int8", 1.5, "all"), ("stock_ort_int8", 1.0, 1))
+TARGET_ACCURACY_POINTS = 1.0
+
+
+def check_targets(report: dict) -> list[dict]:
+    """Whether the fastest Magic Pyramid line within 1 accuracy point of the stock model beats int8 alone by 1.5x (at
+    batch 1 and at the largest batch) and ONNX Runtime int8 alone at batch 1; by how much each is met or missed."""
+    lines = {line["line"]: line for line in report["lines"] if not line["skipped"]}
+    sizes = [1] if 1 in report["batch_sizes"] else []
+    sizes += [max(report["batch_sizes"])] if max(report["batch_sizes"]) > 1 else []
+    candidates = [line for key, line in lines.items()
+                  if key.startswith("pyramid") and line["difference"] >= -TARGET_ACCURACY_POINTS - 1e-9]
+    results = []
+    for reference, factor, applies in TARGETS:
+        for size in sizes if applies == "all" else [s for s in sizes if s == applies]:
+            key = f"speedup_batch{size}"
+            target = {"target": f"fastest Magic Pyramid line (within {TARGET_ACCURACY_POINTS:g} point of stock) at least "
+                                f"{factor:g}x {LABELS[reference]} at batch {size}"}
+            if reference not in lines or not candidates:
+                why = f"{LABELS[reference]} was not measured" if reference not in lines else \
+                    f"no Magic Pyramid line is within {TARGET_ACCURACY_POINTS:g} point of the stock accuracy"
+                results.append({**target, "met": None, "why": why})
+                continue
+            best = max(candidates, key=lambda line: line[key])
+            ratio = best[key] / lines[reference][key]
+            results.append({**target, "best_line": best["label"], "ratio": round(ratio, 3), "met": ratio >= factor,
+                            "why": f"{best['label']} is {ratio:.2f}x {LABELS[reference]} (needs {factor:g}x"
+                                   f"{'' if ratio >= factor else f', missed by {factor / ratio:.2f}x'}); its FLOPs ratio "
+                                   f"to stock is {best['flops_ratio']:.3f}, its speedup over stock {best[key]:.2f}x"})
+    return results
+
+
 def format_markdown(report: dict) -> str:
     header = report["header"]
     sizes = [b for b in report["batch_sizes"] if b > 1]
@@ -487,6 +521,11 @@ def format_markdown(report: dict) -> str:
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     lines += ["", "Speedups are against the stock fp32 line in the same run; accuracy differences are paired over the same "
               "samples (95% half-width). A compiled or int8 line counts the FLOPs of the operations it runs in fp32."]
+    if report.get("targets"):
+        lines += ["", "Targets:"]
+        for target in report["targets"]:
+            verdict = {True: "met", False: "MISSED", None: "not measured"}[target["met"]]
+            lines.append(f"- {target['target']}: {verdict}. {target['why']}.")
     return "\n".join(lines)
 
 
@@ -533,4 +572,5 @@ def write_report(report: dict, output_dir) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["LINES", "run_bench", "format_markdown", "plot_report", "write_report", "build_lines"]
+__all__ = ["LINES", "run_bench", "format_markdown", "plot_report", "write_report", "build_lines", "compile_layers",
+           "check_targets"]

@@ -67,8 +67,11 @@ def test_bench_writes_every_line_and_column(folder, capsys):
     assert "fp32 default" in by_key["pyramid_int8"]["note"]  # no int8 calibration in this folder: said so
     assert by_key["slender"]["flops_ratio"] == 1  # the stock folder given as --slender
 
+    # The targets, each met or missed with the ratio that decides it.
+    assert len(report["targets"]) == 3 and all(isinstance(t["met"], bool) and t["ratio"] > 0 for t in report["targets"])
+
     table = (out / BENCH_MD).read_text()
-    assert "load average" in table
+    assert "load average" in table and "Targets:" in table
     for heading in ("accuracy %", "vs stock (pt, 95%)", "batch 1 ms (median / p90)", "batch 8 samples/s",
                     "batch 8 speedup", "mean MFLOPs", "params (M)", "disk (MB)"):
         assert heading in table
