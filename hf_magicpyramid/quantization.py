@@ -11,8 +11,9 @@ call, fbgemm/x86 kernels). Checked with the pinned torch 2.13 (CPU wheel) on the
 | torchao 0.18 `quantize_(model, Int8DynamicActivationInt8WeightConfig())`, eager | 0.35 s (0.8x: slower) | 0.06 |
 
 torchao is the announced successor, and more accurate, but in eager mode on CPU it has no fast int8 kernel: its tensor
-subclass dequantizes, so it is slower than fp32 (it is meant to be paired with `torch.compile`, which our variable-shape
-layer loop does not pay for on CPU, see bench.py). It is not installed here and not a dependency. `torch.ao.quantization`
+subclass dequantizes, so it is slower than fp32 (it is meant to be paired with `torch.compile`; whether compiling pays
+for our variable-shape layer loop on CPU is what the bench command's compiled lines measure). It is not installed here
+and not a dependency. `torch.ao.quantization`
 warns that it is deprecated (it is still in torch 2.13); the warning is silenced inside `quantize_model` only, and a
 future torch without it gives a clear error here, not an `AttributeError` deep in a call.
 
