@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from .adapters import ADAPTERS
 from .configuration_magic_pyramid import MagicPyramidConfig
 from .pipelines import register_text_classification_pipeline
+from .quantization import load_quantized, quantize_model
 from .modeling_magic_pyramid import (
     MagicPyramidClassifierOutput,
     MagicPyramidForSequenceClassification,
@@ -43,6 +44,8 @@ __all__ = [
     "SUPPORTED_BACKBONES",
     "predict_file",
     "predict_texts",
+    "quantize_model",
+    "load_quantized",
 ]
 
 

@@ -27,6 +27,7 @@ from .configuration_magic_pyramid import (
     MagicPyramidConfig,
     check_keep_ratios,
 )
+from .quantization import QUANTIZATION_METHODS
 
 DEFAULT_MAX_LENGTH = 128
 # MagicPyramidConfig fields (the backbone and the labels come from the backbone and the data, never from settings).
@@ -271,8 +272,13 @@ class SweepArguments:
     batch_size: int = _arg(32, "Batch size of the measurements.", ("per_device_eval_batch_size",))
     batch1_samples: int = _arg(100, "Samples timed one at a time (0 skips the batch-1 timing).")
     report_dir: str | None = _arg(None, "Where calibration.json and calibration.png go. Default: the model folder.")
+    quantize: str | None = _arg(
+        None, "Calibrate the model quantized this way (int8: dynamic int8 Linear layers, CPU), against the fp32 stock "
+        "model. Writes calibration_int8.json / .png; with --max_drop its default speed is stored there (applied by "
+        "hf_magicpyramid.load_quantized), config.json keeps the fp32 default.")
 
     def __post_init__(self):
+        check_choice("quantize", self.quantize, QUANTIZATION_METHODS, optional=True)
         if self.max_drop is not None and not _is_number(self.max_drop):
             raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
         check_count("max_length", self.max_length)
@@ -346,9 +352,59 @@ class PredictArguments:
             check_between("exit_threshold", self.exit_threshold, 0.0, 1.0)
         if self.keep_ratio_scale is not None:
             check_between("keep_ratio_scale", self.keep_ratio_scale, 0.0, 10.0)
+def _bench_lines() -> list[str]:
+    from .bench import LINES  # declared once, where the lines are built
+
+    return list(LINES)
+
+
+@dataclass(kw_only=True)
+class BenchArguments:
+    """What `bench` measures, on which data, and where it writes."""
+
+    _argument_group_name = "bench"
+
+    model_name_or_path: str = _arg(help="The trained Magic Pyramid folder (train's --output_dir).", aliases=("model",))
+    test_file: str | None = _arg(None, "Test data: CSV, TSV, JSON (lines) or Parquet, with a text and a label column.")
+    dataset: str | None = _arg(None, "An offline dataset (rotten_tomatoes, pang_lee, bbc_news) or a `datasets` name; its "
+                               "--split is measured.", ("dataset_name",))
+    split: str = _arg("test", "The split of --dataset to measure.")
+    text_column: str = _arg("text", "Column with the text.")
+    text_pair_column: str | None = _arg(None, "Optional second text column (sentence pairs).")
+    label_column: str = _arg("label", "Column with the class label.")
+    stock: str | None = _arg(None, "The stock fine-tuned model to compare with. Default: the recipe's stage-1 model "
+                             "(training_summary.json), else the pyramid's backbone weights.", ("stock_model",))
+    slender: str | None = _arg(None, "Also measure this slender model folder (slenderize's output).")
+    batch_sizes: list[int] = _arg(help="Batch sizes: 1 measures latency per sample (median, p90), larger ones "
+                                  "throughput over the whole set.", default_factory=lambda: [1, 32])
+    max_length: int = _arg(DEFAULT_MAX_LENGTH, "Tokens per input after truncation.", ("max_seq_length",))
+    max_samples: int | None = _arg(None, "Measure a seeded subsample of this many rows (quick checks).",
+                                   ("max_eval_samples",))
+    latency_samples: int = _arg(100, "Samples timed one at a time for the batch-1 latency.")
+    rounds: int = _arg(3, "Interleaved timing rounds (each times every line in turn); medians over rounds.")
+    lines: list[str] = _arg(help="The lines to measure (stock is always measured). Default: all; a slender line "
+                            "needs --slender.", default_factory=lambda: _bench_lines())
+    threads: int | None = _arg(None, "torch and ONNX Runtime intra-op threads. Default: torch's default.")
+    compile_backend: str = _arg("inductor", "torch.compile backend of the compiled lines (inductor needs a C++ compiler; "
+                                "'eager' only checks that the code compiles, it is not faster).")
+    output_dir: str | None = _arg(None, "Where bench.json, bench.md and bench.png go. Default: MODEL/bench.")
+
+    def __post_init__(self):
+        if not self.dataset and not self.test_file:
+            raise ValueError("no test data: pass --test_file FILE or --dataset NAME.")
+        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes={self.batch_sizes!r} is invalid: give integers >= 1, e.g. 1 32.")
+        check_count("max_length", self.max_length)
+        check_count("max_samples", self.max_samples, optional=True)
+        check_count("latency_samples", self.latency_samples)
+        check_count("rounds", self.rounds)
+        check_count("threads", self.threads, optional=True)
+        for line in self.lines:
+            check_choice("lines", line, _bench_lines())
 
 
 __all__ = [
+    "BenchArguments",
     "RecipeSettings",
     "DataArguments",
     "EvalDataArguments",

@@ -80,6 +80,7 @@ from .configuration_magic_pyramid import EXIT_CRITERIA
 from .exits import PatienceState, exit_decision, exit_rule_can_fire, resolve_problem_type
 from .flops import full_model_flops, sample_flops
 from .modeling_magic_pyramid import MagicPyramidForSequenceClassification
+from .quantization import check_method, quantize_model
 
 CALIBRATION_JSON = "calibration.json"
 CALIBRATION_PNG = "calibration.png"
@@ -168,20 +169,22 @@ def validate_calibration(data, source: str = "calibration") -> dict:
 
 def save_calibration(directory, points: list[dict], **metadata) -> Path:
     """Validate and write `calibration.json` into `directory`; `metadata`: the other top-level entries (num_samples,
-    batch_size, dataset, device, metric, stock, chosen, budget_met, ...; see the module docstring). Returns its path."""
+    batch_size, dataset, device, metric, stock, chosen, budget_met, ...; see the module docstring). Returns its path.
+    With "quantization" in `metadata` (a quantized model's sweep) the file is `calibration_<method>.json` instead."""
     data = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **metadata, "points": list(points)}
     validate_calibration(copy.deepcopy(data))
-    path = Path(directory) / CALIBRATION_JSON
+    path = Path(directory) / calibration_file(metadata.get("quantization"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
 
 
-def load_calibration(path_or_dir) -> dict | None:
-    """The validated calibration result in a model folder (or a JSON file), or None when there is none."""
+def load_calibration(path_or_dir, quantization: str | None = None) -> dict | None:
+    """The validated calibration result in a model folder (or a JSON file), or None when there is none. `quantization`
+    ("int8"): the sweep of the model quantized that way (`calibration_int8.json`), not the fp32 model's."""
     path = Path(path_or_dir)
     if path.is_dir():
-        path = path / CALIBRATION_JSON
+        path = path / calibration_file(quantization)
     if not path.is_file():
         return None
     try:
@@ -725,12 +728,18 @@ def calibrate_folder(
     stock_model: str | None = None,
     max_drop: float | None = None,
     report_dir=None,
+    quantize: str | None = None,
     log=print,
     **calibrate_kwargs,
 ) -> dict:
     """Load a saved model (and its tokenizer), `calibrate`, write `calibration.json`, with `max_drop` store the chosen
     speed in `config.json` (nothing else in `model_dir` is written), then draw `calibration.png` (skipped with a note
-    when matplotlib is not installed: the results are stored first)."""
+    when matplotlib is not installed: the results are stored first).
+
+    `quantize="int8"` calibrates the int8 model (`quantization.quantize_model`; int8 moves the exits' confidences) against
+    the fp32 stock model, and writes `calibration_int8.json` / `calibration_int8.png`; with `max_drop` its chosen speed
+    is stored there only (`quantized_default`, applied by `quantization.load_quantized`), never in config.json, so an
+    fp32 load keeps the fp32 model's default."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} holds no config.json: pass the folder of a trained Magic Pyramid model.")
@@ -738,7 +747,13 @@ def calibrate_folder(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     stock_path = stock_model or _stock_model_for(model_dir)
     stock = AutoModelForSequenceClassification.from_pretrained(stock_path) if stock_path else None
+    if quantize:
+        if stock is None:  # the fp32 reference, not the quantized backbone calibrate would copy
+            stock = copy.deepcopy(model.backbone)
+        model = quantize_model(model, quantize)
     report = calibrate(model, dataset, tokenizer, stock_model=stock, max_drop=max_drop, log=log, **calibrate_kwargs)
+    if quantize:
+        report["quantization"] = quantize
     if stock_path:
         report["stock"]["model"] = str(stock_path)
     report_dir = Path(report_dir) if report_dir else model_dir
@@ -760,6 +775,12 @@ def calibrate_folder(
                 f"{chosen['difference']:+.2f} ± {interval:.2f} points (paired 95%), wider than the {max_drop}-point budget: "
                 f"this validation set cannot tell whether the budget holds. About {needed} samples would resolve it."
             )
+        if quantize:
+            log(f"Stored the {quantize} model's default speed {chosen['setting']} in "
+                f"{report_dir / calibration_file(quantize)} (config.json, the fp32 default, is unchanged; "
+                f"hf_magicpyramid.quantization.load_quantized applies it)")
+            plot_or_skip(report, report_dir, log=log)
+            return report
         model.set_speed(**chosen["setting"])  # None: never exit early, as in the config
         model.sync_config()
         model.config.to_json_file(str(model_dir / "config.json"), use_diff=True)
@@ -778,7 +799,7 @@ def save_report(report: dict, directory) -> Path:
 def plot_or_skip(report: dict, directory, log=print) -> Path | None:
     """Draw `calibration.png` into `directory`; without matplotlib, log one line and return None (an older plot there,
     which would show another sweep, is removed)."""
-    path = Path(directory) / CALIBRATION_PNG
+    path = Path(directory) / calibration_file(report.get("quantization"), CALIBRATION_PNG)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -790,6 +811,24 @@ def plot_or_skip(report: dict, directory, log=print) -> Path | None:
         return None
     plot_calibration(report, path)
     return path
+
+
+def calibration_file(quantization: str | None = None, name: str = CALIBRATION_JSON) -> str:
+    """The file name of a sweep's result (`name`: CALIBRATION_JSON or CALIBRATION_PNG): as is for the fp32 model,
+    `calibration_int8.json` for a sweep of the int8 model, so that the two never overwrite each other."""
+    if not quantization:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}_{check_method(quantization)}.{suffix}"
+
+
+def quantized_default(path_or_dir, quantization: str) -> dict | None:
+    """The default speed a `sweep --quantize` stored for the quantized model (the "chosen" setting of
+    `calibration_<method>.json`), or None when there is none."""
+    if not Path(path_or_dir).is_dir():
+        return None
+    data = load_calibration(path_or_dir, quantization)
+    return dict(data["chosen"]["setting"]) if data and data.get("chosen") else None
 
 
 def _public(value):
@@ -832,4 +871,6 @@ __all__ = [
     "save_report",
     "plot_or_skip",
     "time_interleaved",
+    "calibration_file",
+    "quantized_default",
 ]

@@ -21,6 +21,7 @@ import sys
 from transformers import HfArgumentParser
 
 from .arguments import (
+    BenchArguments,
     DataArguments,
     EvalDataArguments,
     PushArguments,
@@ -68,6 +69,12 @@ PUSH_EPILOG = f"""examples:
   {PROG} push --model_name_or_path out/mine --repo_id alice/my-pyramid
   {PROG} push --model_name_or_path out/mine --repo_id alice/my-pyramid --private --revision v2 --create_pr"""
 
+BENCH_EPILOG = f"""examples:
+  {PROG} bench --model out/rt --dataset rotten_tomatoes
+  {PROG} bench --model out/mine --test_file test.csv --stock out/mine/stage1_finetune/model --batch_sizes 1 32 \\
+      --max_length 256 --output_dir bench/mine
+  {PROG} bench --model out/rt --dataset rotten_tomatoes --max_samples 200 --rounds 1 --lines stock pyramid pyramid_int8"""
+
 # command → (dataclasses of its flags, help, description, epilog)
 COMMANDS = {
     "train": (
@@ -91,6 +98,15 @@ COMMANDS = {
         "Uploads the model (config, safetensors weights, custom code), its tokenizer, calibration and a model card. "
         "The folder is never modified; a model card is generated when it has no README.md.",
         PUSH_EPILOG,
+    ),
+    "bench": (
+        (BenchArguments,),
+        "Measure the model against what CPU users pick instead (int8, torch.compile, ONNX Runtime), in one run.",
+        "Stock fp32 / int8 / compiled / ONNX Runtime fp32 and int8, and Magic Pyramid alone / int8 / compiled / on the "
+        "ONNX Runtime layer loop (and --slender), on the same inputs in interleaved rounds: accuracy with its paired 95% "
+        "interval vs stock, batch-1 latency, throughput, FLOPs, parameters, size, speedups. Writes bench.json, bench.md "
+        "and bench.png. Lines whose optional dependency is missing are reported as skipped.",
+        BENCH_EPILOG,
     ),
 }
 
@@ -233,6 +249,7 @@ def run_sweep(sweep: SweepArguments, data: EvalDataArguments) -> int:
         batch1_samples=sweep.batch1_samples,
         max_drop=sweep.max_drop,
         report_dir=sweep.report_dir,
+        quantize=sweep.quantize,
         dataset_name=f"{data.dataset or data.validation_file} (validation)",
     )
     print(result["table"])
@@ -270,7 +287,32 @@ def run_push(push: PushArguments) -> int:
     return 0
 
 
-RUNS = {"train": run_train, "sweep": run_sweep, "push": run_push}
+def run_bench(args: BenchArguments) -> int:
+    from .bench import run_bench as bench
+
+    if args.test_file:
+        from .data import load_text_files
+
+        dataset, name = load_text_files(test_file=args.test_file)["test"], args.test_file
+    else:
+        from .data import load_named_dataset
+
+        splits = load_named_dataset(args.dataset)
+        if args.split not in splits:
+            raise ValueError(f"dataset {args.dataset!r} has no split {args.split!r}; its splits are {list(splits)}.")
+        dataset, name = splits[args.split], f"{args.dataset} ({args.split})"
+    report = bench(
+        args.model_name_or_path, dataset, stock=args.stock, slender=args.slender, text_column=args.text_column,
+        text_pair_column=args.text_pair_column, label_column=args.label_column, batch_sizes=args.batch_sizes,
+        max_length=args.max_length, max_samples=args.max_samples, latency_samples=args.latency_samples,
+        rounds=args.rounds, lines=tuple(args.lines), output_dir=args.output_dir, dataset_name=name, threads=args.threads,
+        compile_backend=args.compile_backend,
+    )
+    print(f"Wrote bench.json, bench.md and bench.png to {report['output_dir']}")
+    return 0
+
+
+RUNS = {"train": run_train, "sweep": run_sweep, "push": run_push, "bench": run_bench}
 
 
 def run_predict(arguments: PredictArguments) -> int:

@@ -165,9 +165,11 @@ def _load_model(model, tokenizer, device, quantize):
             raise ValueError(f"quantize={quantize!r} is not supported; choose 'int8' or leave it unset.")
         if torch.device(device).type != "cpu":
             raise ValueError("quantize='int8' (dynamic int8) runs on the CPU only; pass device='cpu'.")
-        from .quantization import quantize_model
+        from .quantization import apply_quantized_speed, quantize_model
 
         model = quantize_model(model, method="int8")
+        if loaded_here:  # the speed `sweep --quantize int8` calibrated for the int8 model, when the folder has one
+            apply_quantized_speed(model, name, "int8")
     return model, tokenizer, description, device
 
 

@@ -11,8 +11,9 @@ call, fbgemm/x86 kernels). Checked with the pinned torch 2.13 (CPU wheel) on the
 | torchao 0.18 `quantize_(model, Int8DynamicActivationInt8WeightConfig())`, eager | 0.35 s (0.8x: slower) | 0.06 |
 
 torchao is the announced successor, and more accurate, but in eager mode on CPU it has no fast int8 kernel: its tensor
-subclass dequantizes, so it is slower than fp32 (it is meant to be paired with `torch.compile`, which our variable-shape
-layer loop does not pay for on CPU, see bench.py). It is not installed here and not a dependency. `torch.ao.quantization`
+subclass dequantizes, so it is slower than fp32 (it is meant to be paired with `torch.compile`; whether compiling pays
+for our variable-shape layer loop on CPU is what the bench command's compiled lines measure). It is not installed here
+and not a dependency. `torch.ao.quantization`
 warns that it is deprecated (it is still in torch 2.13); the warning is silenced inside `quantize_model` only, and a
 future torch without it gives a clear error here, not an `AttributeError` deep in a call.
 
@@ -29,6 +30,9 @@ import warnings
 
 import torch
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 QUANTIZATION_METHODS = ("int8",)
 _QUANTIZED_ATTRIBUTE = "quantization"  # set on the returned model: which method produced it
@@ -82,13 +86,37 @@ def quantization_of(model: nn.Module) -> str | None:
 def load_quantized(path, method: str = "int8", **from_pretrained_kwargs) -> nn.Module:
     """Load a saved classifier (Magic Pyramid or stock) with `AutoModelForSequenceClassification` and quantize it.
 
-    Returns the quantized model, eval mode, on CPU.
+    A Magic Pyramid folder swept with `hf-magicpyramid sweep --quantize int8` holds a speed calibrated for the int8
+    model (`calibration_int8.json`): it is applied here, while config.json keeps the fp32 model's default for fp32 loads.
+    Without one, the fp32-calibrated default speed is used, with a warning (int8 moves the exits' confidences, so the
+    accuracy that speed was chosen for may not hold). Returns the quantized model, eval mode, on CPU.
     """
     from transformers import AutoModelForSequenceClassification
 
     check_method(method)
     model = AutoModelForSequenceClassification.from_pretrained(path, **from_pretrained_kwargs)
-    return quantize_model(model, method)
+    quantized = quantize_model(model, method)
+    apply_quantized_speed(quantized, path, method)
+    return quantized
 
 
-__all__ = ["QUANTIZATION_METHODS", "check_method", "quantize_model", "quantization_of", "load_quantized"]
+def apply_quantized_speed(quantized: nn.Module, path, method: str = "int8") -> None:
+    """Give a Magic Pyramid model quantized from the folder `path` the speed calibrated for `method` there
+    (`calibration_int8.json`, written by `sweep --quantize int8`); without one, keep the fp32 default and warn when it
+    exits early. Stock models are left as they are."""
+    from .calibration import quantized_default
+
+    if not hasattr(quantized, "set_speed"):
+        return
+    setting = quantized_default(path, method)
+    if setting is not None:
+        quantized.set_speed(**setting)
+    elif quantized.config.exit_threshold is not None or quantized.config.patience is not None:
+        logger.warning(
+            f"{path} has no speed calibrated for the {method} model (calibration_{method}.json): using the fp32 "
+            f"default {quantized.config.exit_threshold=}, {quantized.config.patience=}. int8 moves the exits' "
+            f"confidences; run `hf-magicpyramid sweep --model {path} --quantize {method} --max_drop ...` to calibrate it."
+        )
+
+
+__all__ = ["QUANTIZATION_METHODS", "check_method", "quantize_model", "quantization_of", "load_quantized", "apply_quantized_speed"]
