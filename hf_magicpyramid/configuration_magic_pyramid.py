@@ -235,6 +235,15 @@ class MagicPyramidConfig(PreTrainedConfig):
                         f"{name}[{layer - 1}]={width!r} (layer {layer}) is invalid: widths are integers in [1, {full}] "
                         f"(the backbone's full width)."
                     )
+            groups = driver.layer_groups(self.backbone_config)
+            for layer, group in enumerate(groups):
+                first = groups.index(group)
+                if values[layer] != values[first]:
+                    raise ValueError(
+                        f"{name}={values} is not supported for {self.backbone_type}: layers {first + 1} and {layer + 1} "
+                        f"share one set of weights, so their widths must be equal (give one width to every layer of a "
+                        f"shared group)."
+                    )
 
 
 def _labels_of(backbone_config):

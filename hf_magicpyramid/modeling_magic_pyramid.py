@@ -203,17 +203,78 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
         return self.driver.layer_modules(self.base_encoder)
 
     def _slim_to_config(self) -> None:
-        """Shrink each layer to `heads_per_layer` / `ffn_per_layer` so a slender checkpoint loads into the right shapes."""
+        """Shrink each layer to `heads_per_layer` / `ffn_per_layer` so a slender checkpoint loads into the right shapes
+        (layers that share weights, albert's, are cut once)."""
         config = self.config
         if config.heads_per_layer is None and config.ffn_per_layer is None:
             return
-        for layer, heads, ffn in zip(self.layers, config.resolved_heads(), config.resolved_ffn()):
+        groups = self.driver.layer_groups(config.backbone_config)
+        done = set()
+        for group, layer, heads, ffn in zip(groups, self.layers, config.resolved_heads(), config.resolved_ffn()):
+            if group in done:
+                continue
+            done.add(group)
             full_heads, full_ffn = self.driver.layer_widths(layer)
             self.driver.slim_layer(
                 layer,
-                torch.arange(heads) if heads != full_heads else None,
-                torch.arange(ffn) if ffn != full_ffn else None,
+                list(range(heads)) if heads != full_heads else None,
+                list(range(ffn)) if ffn != full_ffn else None,
+                base=self.base_encoder,
             )
+
+    def slim(self, head_index=None, ffn_index=None) -> "MagicPyramidPreTrainedModel":
+        """Structural pruning, in place: keep in layer i only the attention heads `head_index[i]` and the FFN neurons
+        `ffn_index[i]` (0-based indices in the layer's current numbering; None, or a None entry, keeps them all).
+        The removed heads' q/k/v rows and attention-output columns, and the removed neurons' rows and columns, are
+        gone from the weights; `heads_per_layer` / `ffn_per_layer` are updated, so `save_pretrained` and
+        `from_pretrained` (also with `trust_remote_code`) rebuild the same shapes. Layers that share weights (albert)
+        must be given the same indices. Returns self.
+        """
+        config = self.config
+        num_layers = config.num_hidden_layers
+        groups = self.driver.layer_groups(config.backbone_config)
+        plans = []
+        for name, indices, position in (("head_index", head_index, 0), ("ffn_index", ffn_index, 1)):
+            if indices is None:
+                plans.append([None] * num_layers)
+                continue
+            if len(indices) != num_layers:
+                raise ValueError(f"{name} has {len(indices)} entries; it needs one per layer ({num_layers}), None to keep a layer whole.")
+            plan = []
+            for layer, (group, keep) in enumerate(zip(groups, indices)):
+                if keep is not None:
+                    width = self.driver.layer_widths(self.layers[layer])[position]
+                    keep = sorted(set(int(i) for i in torch.as_tensor(keep).reshape(-1).tolist()))
+                    if not keep:
+                        raise ValueError(f"{name}[{layer}] is empty: layer {layer + 1} must keep at least one {'head' if position == 0 else 'FFN neuron'}.")
+                    if keep[0] < 0 or keep[-1] >= width:
+                        raise ValueError(f"{name}[{layer}]={keep} is out of range: layer {layer + 1} has indices 0..{width - 1}.")
+                    if len(keep) == width:
+                        keep = None
+                first = groups.index(group)
+                if first != layer and keep != plan[first]:
+                    raise ValueError(
+                        f"{name}[{layer}]={keep} differs from {name}[{first}]={plan[first]}: layers {first + 1} and {layer + 1} "
+                        f"of this {config.backbone_type} model share one set of weights, so they keep the same indices."
+                    )
+                plan.append(keep)
+            plans.append(plan)
+        done = set()
+        for group, layer, heads, ffn in zip(groups, self.layers, *plans):
+            if group in done:
+                continue
+            done.add(group)
+            self.driver.slim_layer(
+                layer,
+                None if heads is None else torch.tensor(heads),
+                None if ffn is None else torch.tensor(ffn),
+                base=self.base_encoder,
+            )
+        widths = self.layer_widths()
+        config.heads_per_layer = [heads for heads, _ in widths]
+        config.ffn_per_layer = [ffn for _, ffn in widths]
+        config.validate_pyramid()
+        return self
 
     def layer_widths(self) -> list[tuple[int, int]]:
         """(attention heads, FFN neurons) of every layer as built."""

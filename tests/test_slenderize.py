@@ -1,0 +1,261 @@
+"""COST-EFF slenderization: structural pruning of heads and neurons on every family, importance, distillation losses,
+the step schedule, the command, and a small real run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from hf_magicpyramid import MagicPyramidConfig, MagicPyramidForSequenceClassification
+from hf_magicpyramid.flops import full_model_flops, layer_flops
+from tiny import FAMILIES, padded_batch, tiny_config, tiny_stock
+
+ATOL = 1e-5
+HIDDEN, HEADS, HEAD_DIM, FFN, LAYERS = 32, 4, 8, 37, 4
+KEEP_HEADS = [4, 2, 1, 3]
+KEEP_FFN = [37, 20, 5, 11]
+# albert's layers 1-2 and 3-4 share weights (tiny config: 2 groups): one width per group.
+ALBERT_KEEP_HEADS = [2, 2, 3, 3]
+ALBERT_KEEP_FFN = [20, 20, 11, 11]
+
+# Where each family keeps, in the stock classifier's state dict, the Linear whose input columns are per head (the
+# attention output) and the one whose input columns are per FFN neuron (the FFN's second Linear). Written out here,
+# independently of the adapter table, so that the zeroing reference does not share code with the pruning.
+OUTPUT_WEIGHTS = {
+    "bert": ("bert.encoder.layer.{i}.attention.output.dense.weight", "bert.encoder.layer.{i}.output.dense.weight"),
+    "roberta": ("roberta.encoder.layer.{i}.attention.output.dense.weight", "roberta.encoder.layer.{i}.output.dense.weight"),
+    "xlm-roberta": ("roberta.encoder.layer.{i}.attention.output.dense.weight", "roberta.encoder.layer.{i}.output.dense.weight"),
+    "electra": ("electra.encoder.layer.{i}.attention.output.dense.weight", "electra.encoder.layer.{i}.output.dense.weight"),
+    "distilbert": ("distilbert.transformer.layer.{i}.attention.out_lin.weight", "distilbert.transformer.layer.{i}.ffn.lin2.weight"),
+    "albert": (
+        "albert.encoder.albert_layer_groups.{g}.albert_layers.0.attention.dense.weight",
+        "albert.encoder.albert_layer_groups.{g}.albert_layers.0.ffn_output.weight",
+    ),
+    "deberta-v2": ("deberta.encoder.layer.{i}.attention.output.dense.weight", "deberta.encoder.layer.{i}.output.dense.weight"),
+    "mpnet": ("mpnet.encoder.layer.{i}.attention.attn.o.weight", "mpnet.encoder.layer.{i}.output.dense.weight"),
+    "modernbert": ("model.layers.{i}.attn.Wo.weight", "model.layers.{i}.mlp.Wo.weight"),
+}
+
+
+def keep_plan(family: str, seed: int = 0):
+    """Per layer, the sorted head and neuron indices to keep (random which, fixed how many); albert's shared layers
+    get the same lists."""
+    generator = torch.Generator().manual_seed(seed)
+    heads_kept, ffn_kept = (ALBERT_KEEP_HEADS, ALBERT_KEEP_FFN) if family == "albert" else (KEEP_HEADS, KEEP_FFN)
+    heads, ffn = [], []
+    for layer in range(LAYERS):
+        if family == "albert" and layer % 2 == 1:
+            heads.append(list(heads[-1]))
+            ffn.append(list(ffn[-1]))
+            continue
+        heads.append(sorted(torch.randperm(HEADS, generator=generator)[: heads_kept[layer]].tolist()))
+        ffn.append(sorted(torch.randperm(FFN, generator=generator)[: ffn_kept[layer]].tolist()))
+    return heads, ffn
+
+
+def zero_removed(state_dict: dict, family: str, heads, ffn, prefix: str = "") -> dict:
+    """A copy of a stock state dict in which every head and neuron not kept is zeroed in the output Linear's columns."""
+    state = {key: value.clone() for key, value in state_dict.items()}
+    attention_out, ffn_out = OUTPUT_WEIGHTS[family]
+    for layer in range(LAYERS):
+        names = dict(i=layer, g=layer // 2)
+        attention_weight = state[prefix + attention_out.format(**names)]
+        for head in range(HEADS):
+            if head not in heads[layer]:
+                attention_weight[:, head * HEAD_DIM : (head + 1) * HEAD_DIM] = 0
+        ffn_weight = state[prefix + ffn_out.format(**names)]
+        for neuron in range(FFN):
+            if neuron not in ffn[layer]:
+                ffn_weight[:, neuron] = 0
+    return state
+
+
+def stock_and_pyramid(family: str, attn_implementation: str | None = None, **options):
+    """A tiny stock classifier with weights 10x the usual initialisation (so that logits are of order 1 and a 1e-5
+    parity means something) and the Magic Pyramid model converted from it; `options` are config fields."""
+    stock = tiny_stock(family, attn_implementation=attn_implementation, initializer_range=0.2)
+    return stock, MagicPyramidForSequenceClassification.from_backbone(stock, **options).eval()
+
+
+def run(model, input_ids, attention_mask, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask, output_all_exits=True, **kwargs)
+
+
+def assert_close(actual, expected, atol=ATOL, what=""):
+    difference = (actual - expected).abs().max().item()
+    assert difference <= atol, f"{what}: max difference {difference} > {atol}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Structural pruning by explicit index lists, every family
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_equals_zeroing_the_removed_heads_and_neurons(family, tmp_path):
+    stock, pyramid = stock_and_pyramid(family, exit_layers=[1, 2, 3, 4])
+    heads, ffn = keep_plan(family)
+    # The reference: the same model with the removed heads' and neurons' output columns zeroed, nothing removed.
+    zeroed = copy.deepcopy(pyramid)
+    base = pyramid.adapter.base_attr
+    zeroed.backbone.load_state_dict(zero_removed(pyramid.backbone.state_dict(), family, heads, ffn))
+    zeroed_stock = copy.deepcopy(stock)
+    zeroed_stock.load_state_dict(zero_removed(stock.state_dict(), family, heads, ffn))
+
+    full_parameters = sum(p.numel() for p in pyramid.parameters())
+    pyramid.slim(heads, ffn)
+    expected_heads, expected_ffn = (ALBERT_KEEP_HEADS, ALBERT_KEEP_FFN) if family == "albert" else (KEEP_HEADS, KEEP_FFN)
+    assert pyramid.layer_widths() == list(zip(expected_heads, expected_ffn))
+    assert pyramid.config.heads_per_layer == expected_heads and pyramid.config.ffn_per_layer == expected_ffn
+    assert sum(p.numel() for p in pyramid.parameters()) < full_parameters
+    assert base  # the family's base model attribute exists
+
+    input_ids, attention_mask = padded_batch()
+    ours = run(pyramid, input_ids, attention_mask)
+    reference = run(zeroed, input_ids, attention_mask)
+    for layer, (mine, theirs) in enumerate(zip(ours.exit_logits, reference.exit_logits, strict=True), start=1):
+        assert_close(mine, theirs, what=f"{family} exit {layer}")
+    with torch.no_grad():
+        stock_logits = zeroed_stock(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert_close(ours.logits, stock_logits, what=f"{family} final logits vs the zeroed stock model")
+    # Pruning really changed the model (the zeroed heads and neurons mattered).
+    with torch.no_grad():
+        full_logits = stock(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (full_logits - stock_logits).abs().max() > 1e-2
+    assert ours.logits.abs().max() > 0.1
+
+    # Save -> load with the plugin: same tensors, same outputs, bit for bit.
+    pyramid.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["heads_per_layer"] == expected_heads and saved["ffn_per_layer"] == expected_ffn
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.layer_widths() == pyramid.layer_widths()
+    assert loaded.state_dict().keys() == pyramid.state_dict().keys()
+    for key, value in pyramid.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    again = run(loaded, input_ids, attention_mask)
+    for mine, theirs in zip(again.exit_logits, ours.exit_logits, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_twice_composes(family):
+    """A second cut indexes the layer's current numbering: two steps equal one cut to the composed indices."""
+    _, once = stock_and_pyramid(family)
+    twice = copy.deepcopy(once)
+    heads, ffn = keep_plan(family)
+    once.slim(heads, ffn)
+    # First drop neurons 0 and 36 everywhere (heads untouched), then cut to the plan, renumbered.
+    first_ffn = [[n for n in range(FFN) if n not in (0, 36)] for _ in range(LAYERS)]
+    keep_ffn = [[n for n in layer if n not in (0, 36)] for layer in ffn]
+    twice.slim(None, first_ffn)
+    twice.slim(heads, [[first_ffn[layer].index(n) for n in keep_ffn[layer]] for layer in range(LAYERS)])
+    _, single = stock_and_pyramid(family)
+    single.slim(heads, keep_ffn)
+    assert twice.layer_widths() == single.layer_widths()
+    input_ids, attention_mask = padded_batch()
+    for mine, theirs in zip(run(twice, input_ids, attention_mask).exit_logits, run(single, input_ids, attention_mask).exit_logits):
+        assert_close(mine, theirs, what=family)
+
+
+@pytest.mark.parametrize("family", ["deberta-v2", "mpnet", "bert", "modernbert"])
+def test_slender_with_token_pruning_batch_equals_alone(family):
+    """Per-layer head widths with tokens removed (deberta-v2 repeats its per-sample relative positions by each layer's
+    own head count; mpnet gathers each layer's bias columns): every sample in a batch gets what it gets alone."""
+    _, pyramid = stock_and_pyramid(family, token_pruning="topk", keep_ratios=[1.0, 0.7, 0.5, 0.4])
+    heads, ffn = keep_plan(family)
+    pyramid.slim(heads, ffn)
+    input_ids, attention_mask = padded_batch()
+    with torch.no_grad():
+        batch = pyramid(input_ids=input_ids, attention_mask=attention_mask)
+        assert int(batch.kept_tokens[:, -1].sum()) < int(attention_mask.sum())  # tokens really went
+        for row in range(input_ids.shape[0]):
+            length = int(attention_mask[row].sum())
+            alone = pyramid(input_ids=input_ids[row : row + 1, :length], attention_mask=attention_mask[row : row + 1, :length])
+            assert_close(batch.logits[row], alone.logits[0], what=f"{family} row {row}")
+
+
+def test_albert_shared_layers_keep_the_same_indices():
+    _, pyramid = stock_and_pyramid("albert")
+    heads, _ = keep_plan("albert")
+    heads[1] = [0]  # layer 2 shares layer 1's weights
+    with pytest.raises(ValueError, match=r"head_index\[1\]=\[0\] differs from head_index\[0\]=.*share one set of weights"):
+        pyramid.slim(heads, None)
+    with pytest.raises(ValueError, match=r"heads_per_layer=\[4, 2, 4, 4\] is not supported for albert: layers 1 and 2 share"):
+        MagicPyramidConfig(backbone_config=tiny_config("albert"), heads_per_layer=[4, 2, 4, 4])
+
+
+def test_bad_index_lists_are_refused():
+    _, pyramid = stock_and_pyramid("bert")
+    with pytest.raises(ValueError, match=r"head_index has 2 entries; it needs one per layer \(4\)"):
+        pyramid.slim([[0], [1]], None)
+    with pytest.raises(ValueError, match=r"head_index\[1\] is empty: layer 2 must keep at least one head"):
+        pyramid.slim([None, [], None, None], None)
+    with pytest.raises(ValueError, match=r"ffn_index\[0\]=\[0, 37\] is out of range: layer 1 has indices 0..36"):
+        pyramid.slim(None, [[0, 37], None, None, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameters and FLOPs follow the shapes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_parameter_count_matches_the_shapes():
+    """bert: each removed head takes head_dim rows (weights + bias) of q, k, v and head_dim columns of the output;
+    each removed neuron a row (weights + bias) of the first FFN Linear and a column of the second."""
+    _, pyramid = stock_and_pyramid("bert")
+    before = sum(p.numel() for p in pyramid.parameters())
+    heads, ffn = keep_plan("bert")
+    pyramid.slim(heads, ffn)
+    removed_heads = sum(HEADS - len(h) for h in heads)
+    removed_neurons = sum(FFN - len(n) for n in ffn)
+    per_head = 3 * HEAD_DIM * (HIDDEN + 1) + HEAD_DIM * HIDDEN
+    per_neuron = (HIDDEN + 1) + HIDDEN
+    assert sum(p.numel() for p in pyramid.parameters()) == before - removed_heads * per_head - removed_neurons * per_neuron
+
+
+def test_mpnet_parameter_count_adds_the_per_layer_bias_columns():
+    _, pyramid = stock_and_pyramid("mpnet")
+    before = sum(p.numel() for p in pyramid.parameters())
+    heads, ffn = keep_plan("mpnet")
+    pyramid.slim(heads, ffn)
+    buckets = pyramid.config.backbone_config.relative_attention_num_buckets
+    removed = sum(HEADS - len(h) for h in heads) * (3 * HEAD_DIM * (HIDDEN + 1) + HEAD_DIM * HIDDEN)
+    removed += sum(FFN - len(n) for n in ffn) * (2 * HIDDEN + 1)
+    own_tables = sum(buckets * len(h) for h in heads if len(h) < HEADS)
+    assert sum(p.numel() for p in pyramid.parameters()) == before - removed + own_tables
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flops_follow_the_pruned_shapes(family):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, pyramid = stock_and_pyramid(family, attn_implementation="eager")
+    heads, ffn = keep_plan(family)
+    full = int(full_model_flops(pyramid, torch.ones(1, 12, dtype=torch.long))[0])
+    pyramid.slim(heads, ffn)
+    ids = padded_batch(lengths=(12,))[0]
+    slender = int(full_model_flops(pyramid, torch.ones_like(ids))[0])
+    assert slender < full
+    assert int(full_model_flops(pyramid, torch.ones_like(ids), full_width=True)[0]) == full
+    if family in ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert"):
+        # Standard layers: the analytic count at the kept widths, plus the unchanged head and embedding projections.
+        widths = pyramid.layer_widths()
+        layers = sum(layer_flops(HIDDEN, h, HEAD_DIM, f, 12) for h, f in widths)
+        full_layers = sum(layer_flops(HIDDEN, HEADS, HEAD_DIM, FFN, 12) for _ in widths)
+        assert full - slender == full_layers - layers
+    # And the counter agrees with what really runs (eager attention: every matmul visible; the default speed runs no
+    # intermediate exit head).
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        pyramid(input_ids=ids)
+    measured = counter.get_total_flops()
+    assert abs(slender - measured) <= 0.05 * measured, (family, slender, measured)
