@@ -259,3 +259,37 @@ def test_flops_follow_the_pruned_shapes(family):
         pyramid(input_ids=ids)
     measured = counter.get_total_flops()
     assert abs(slender - measured) <= 0.05 * measured, (family, slender, measured)
+
+
+@pytest.mark.slow
+def test_slender_models_load_through_trust_remote_code(tmp_path):
+    """Every family, pruned, loads through `trust_remote_code=True` in a process that cannot import hf_magicpyramid,
+    with the same outputs."""
+    from test_foundation import REMOTE_CHILD
+
+    input_ids, attention_mask = padded_batch()
+    torch.save({"input_ids": input_ids, "attention_mask": attention_mask}, tmp_path / "inputs.pt")
+    jobs, expected = [], {}
+    for family in FAMILIES:
+        _, pyramid = stock_and_pyramid(family, exit_layers=[1, 2, 4])
+        pyramid.slim(*keep_plan(family))
+        pyramid.save_pretrained(tmp_path / family)
+        expected[family] = (pyramid.config.to_dict(), run(pyramid, input_ids, attention_mask))
+        jobs.append({"dir": str(tmp_path / family), "out": str(tmp_path / f"{family}.pt")})
+    (tmp_path / "child.py").write_text(REMOTE_CHILD)
+    (tmp_path / "cwd").mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "child.py"), json.dumps(jobs), str(tmp_path / "inputs.pt")],
+        cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "PACKAGE-ABSENT" in result.stdout and f"DONE {len(FAMILIES)}" in result.stdout, result.stdout
+    for family in FAMILIES:
+        remote = torch.load(tmp_path / f"{family}.pt")
+        config, outputs = expected[family]
+        assert remote["module"].startswith("transformers_modules."), remote["module"]
+        for name in ("heads_per_layer", "ffn_per_layer", "embedding_rank"):
+            assert remote["config"].get(name) == config.get(name), (family, name)
+        for mine, theirs in zip(remote["exit_logits"], outputs.exit_logits, strict=True):
+            assert_close(mine, theirs, atol=1e-6, what=f"{family} remote exit logits")
