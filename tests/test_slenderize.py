@@ -293,3 +293,154 @@ def test_slender_models_load_through_trust_remote_code(tmp_path):
             assert remote["config"].get(name) == config.get(name), (family, name)
         for mine, theirs in zip(remote["exit_logits"], outputs.exit_logits, strict=True):
             assert_close(mine, theirs, atol=1e-6, what=f"{family} remote exit logits")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Distillation losses, on hand-built tensors
+# ---------------------------------------------------------------------------------------------------------------------
+
+from hf_magicpyramid.slenderize import (  # noqa: E402
+    DistillationWeights,
+    distillation_loss,
+    forward_all,
+    hidden_mse,
+    importance_scores,
+    select_kept,
+    width_schedule,
+)
+
+
+def test_soft_cross_entropy_terms_by_hand():
+    student = [torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]])]
+    teacher = torch.tensor([[0.0, 2.0 * torch.log(torch.tensor(3.0))]])  # at T=2: teacher probs (1/4, 3/4)
+    weights = DistillationWeights(final=1.0, exits=0.0, hidden=0.0, hard=0.0, temperature=2.0)
+    total, terms = distillation_loss(student, teacher, weights)
+    # final: student at T=2 is softmax(1, 0); CE = -(1/4 log p0 + 3/4 log p1), times T² = 4.
+    p = torch.softmax(torch.tensor([1.0, 0.0]), dim=0)
+    expected = -(0.25 * p[0].log() + 0.75 * p[1].log()) * 4
+    assert torch.allclose(terms["final"], expected) and torch.allclose(total, expected)
+    # exits: without an assistant the intermediate exit learns from the teacher: uniform student -> CE = log 2, x T².
+    weights = DistillationWeights(final=0.0, exits=1.0, hidden=0.0, hard=0.0, temperature=2.0)
+    _, terms = distillation_loss(student, teacher, weights)
+    assert torch.allclose(terms["exits"], torch.log(torch.tensor(2.0)) * 4)
+    # With an assistant, exit i learns from the assistant's exit i: a one-hot-ish assistant exit.
+    assistant = [torch.tensor([[100.0, 0.0]]), torch.tensor([[0.0, 0.0]])]
+    weights = DistillationWeights(final=0.0, exits=1.0, hidden=0.0, hard=0.0, temperature=1.0)
+    _, terms = distillation_loss(student, teacher, weights, assistant_logits=assistant)
+    assert torch.allclose(terms["exits"], torch.log(torch.tensor(2.0)), atol=1e-6)
+
+
+def test_hidden_mse_counts_real_tokens_only():
+    student = torch.zeros(2, 3, 4)
+    teacher = torch.zeros(2, 3, 4)
+    teacher[0, 0] = 2.0  # real token: squared error 4 on each of 4 dims
+    teacher[1, 2] = 100.0  # padding: must not count
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # 5 real tokens x 4 dims; total squared error 16.
+    assert torch.allclose(hidden_mse(student, teacher, mask), torch.tensor(16.0 / 20))
+    weights = DistillationWeights(final=0.0, exits=0.0, hidden=2.0, hard=0.0)
+    logits = [torch.zeros(2, 2)]
+    total, terms = distillation_loss(logits, torch.zeros(2, 2), weights, student_hidden=[student, student],
+                                     teacher_hidden=[teacher, torch.zeros(2, 3, 4)], attention_mask=mask)
+    assert torch.allclose(terms["hidden"], torch.tensor(0.4)) and torch.allclose(total, torch.tensor(0.8))
+
+
+def test_hard_label_term_and_weights():
+    logits = [torch.tensor([[0.0, 0.0]]), torch.tensor([[10.0, 0.0]])]
+    labels = torch.tensor([0])
+    weights = DistillationWeights(final=0.5, exits=0.0, hidden=0.0, hard=3.0)
+    total, terms = distillation_loss(logits, torch.tensor([[10.0, 0.0]]), weights, labels=labels)
+    hard = (torch.log(torch.tensor(2.0)) + torch.nn.functional.cross_entropy(logits[1], labels)) / 2
+    assert torch.allclose(terms["hard"], hard)
+    assert torch.allclose(total, 0.5 * terms["final"] + 3.0 * hard)
+    with pytest.raises(ValueError, match=r"distillation weight hidden=-1 is out of range"):
+        DistillationWeights(hidden=-1)
+    with pytest.raises(ValueError, match="every distillation term is off"):
+        distillation_loss(logits, logits[1], DistillationWeights(final=0, exits=0, hidden=0, hard=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Importance, and the schedule
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_forward_all_matches_the_model():
+    _, pyramid = stock_and_pyramid("bert")
+    input_ids, attention_mask = padded_batch()
+    logits, hidden, mask = forward_all(pyramid, input_ids, attention_mask)
+    reference = run(pyramid, input_ids, attention_mask)
+    assert len(hidden) == LAYERS and torch.equal(mask, attention_mask)
+    for mine, theirs in zip(logits, reference.exit_logits, strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def _batches(n=3, seed=0):
+    return [dict(zip(("input_ids", "attention_mask"), padded_batch(seed=seed + i))) for i in range(n)]
+
+
+def test_taylor_scores_by_hand_on_one_head():
+    """A head's Taylor score is |Σ g ⊙ W| over its q/k/v rows (and biases) and its output columns, gradients summed
+    over the batches: recomputed here from autograd on the stock parameter names."""
+    teacher_stock, teacher = stock_and_pyramid("bert", exit_layers=[2, 4])
+    torch.manual_seed(1)
+    _, student = stock_and_pyramid("bert", exit_layers=[2, 4])
+    batches = _batches()
+    heads, ffn = importance_scores(student, batches, teacher, method="taylor", num_batches=2)
+    assert [h.shape[0] for h in heads] == [HEADS] * LAYERS and [f.shape[0] for f in ffn] == [FFN] * LAYERS
+    # By hand: the same loss, gradients by autograd, layer 2 head 1 and neuron 5.
+    student.zero_grad()
+    for batch in batches[:2]:
+        with torch.no_grad():
+            target = forward_all(teacher, **batch)[0][-1]
+        logits = forward_all(student, **batch)[0]
+        loss = sum(torch.nn.functional.cross_entropy(l, torch.softmax(target, -1)) for l in logits)
+        loss.backward()
+    named = dict(student.named_parameters())
+    prefix = "backbone.bert.encoder.layer.1."
+    rows = slice(HEAD_DIM, 2 * HEAD_DIM)
+    total = 0.0
+    for name in ("query", "key", "value"):
+        w, b = named[f"{prefix}attention.self.{name}.weight"], named[f"{prefix}attention.self.{name}.bias"]
+        total += (w.grad[rows] * w[rows]).sum() + (b.grad[rows] * b[rows]).sum()
+    out = named[f"{prefix}attention.output.dense.weight"]
+    total += (out.grad[:, rows] * out[:, rows]).sum()
+    assert torch.allclose(heads[1][1], total.abs().detach(), rtol=1e-4, atol=1e-9)
+    ffn_in, ffn_bias = named[f"{prefix}intermediate.dense.weight"], named[f"{prefix}intermediate.dense.bias"]
+    ffn_out = named[f"{prefix}output.dense.weight"]
+    neuron = (ffn_in.grad[5] * ffn_in[5]).sum() + ffn_bias.grad[5] * ffn_bias[5] + (ffn_out.grad[:, 5] * ffn_out[:, 5]).sum()
+    assert torch.allclose(ffn[1][5], neuron.abs().detach(), rtol=1e-4, atol=1e-9)
+    # Final-exit-only differs from all exits; magnitude needs no data and is the L1 norm of the unit's weights.
+    student.zero_grad(set_to_none=True)
+    final_only, _ = importance_scores(student, batches, teacher, method="taylor_final", num_batches=2)
+    assert not torch.allclose(final_only[0], heads[0])
+    magnitude, _ = importance_scores(student, [], method="magnitude")
+    expected = sum(named[f"{prefix}attention.self.{n}.weight"][rows].abs().sum() + named[f"{prefix}attention.self.{n}.bias"][rows].abs().sum()
+                   for n in ("query", "key", "value")) + out[:, rows].abs().sum()
+    assert torch.allclose(magnitude[1][1], expected.detach())
+    # Scoring leaves no gradients behind and the training mode as it was.
+    assert all(p.grad is None for p in student.parameters()) and not student.training
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_importance_runs_on_every_family_and_albert_shares(family):
+    _, teacher = stock_and_pyramid(family)
+    _, student = stock_and_pyramid(family)
+    heads, ffn = importance_scores(student, _batches(1), teacher, num_batches=1)
+    assert all(torch.isfinite(h).all() and h.shape == (HEADS,) for h in heads)
+    assert all(torch.isfinite(f).all() and f.shape == (FFN,) for f in ffn)
+    if family == "albert":  # layers 1-2 share a group: the same scores
+        assert torch.equal(heads[0], heads[1]) and torch.equal(ffn[2], ffn[3])
+    groups = student.driver.layer_groups(student.config.backbone_config)
+    widths = [2, 2, 1, 1] if family != "albert" else [2, 2, 1, 1]
+    student.slim(select_kept(heads, widths, groups), select_kept(ffn, [10, 10, 5, 5], groups))
+    assert student.config.heads_per_layer == widths
+
+
+def test_select_kept_and_schedule():
+    scores = [torch.tensor([0.1, 0.9, 0.5, 0.9]), torch.tensor([1.0, 2.0, 3.0, 4.0])]
+    assert select_kept(scores, [2, 4]) == [[1, 3], None]
+    assert select_kept(scores, [0, 1]) == [[1], [3]]  # at least one stays
+    assert width_schedule([12, 12], [4, 6], 2) == [[8, 9], [4, 6]]
+    assert width_schedule([1536], [384], 2) == [[960], [384]]
+    with pytest.raises(ValueError, match="steps=0 is out of range"):
+        width_schedule([12], [4], 0)
