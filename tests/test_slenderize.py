@@ -444,3 +444,65 @@ def test_select_kept_and_schedule():
     assert width_schedule([1536], [384], 2) == [[960], [384]]
     with pytest.raises(ValueError, match="steps=0 is out of range"):
         width_schedule([12], [4], 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Steps, resumable; 5. the command
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_teacher_and_data(tmp_path):
+    import datasets
+
+    from tiny import word_tokenizer
+
+    folder = tmp_path / "teacher"
+    tokenizer = word_tokenizer(folder)
+    stock = tiny_stock("bert", num_labels=2, initializer_range=0.2)
+    stock.config.id2label, stock.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    stock.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(0, 94, (6,), generator=generator)) for _ in range(48)]
+    labels = ["pos" if "w1" in t or "w2" in t else "neg" for t in texts]
+    data = datasets.Dataset.from_dict({"text": texts, "label": labels})
+    return folder, tokenizer, data
+
+
+def test_slenderize_in_steps_resumes_and_saves_a_pyramid(tmp_path):
+    from hf_magicpyramid.slenderize import SUMMARY_FILE, slenderize
+
+    teacher, _, data = _tiny_teacher_and_data(tmp_path)
+    out = tmp_path / "slender"
+    options = dict(heads=[2, 2, 1, 1], ffn=9, steps=2, importance_batches=2, epochs_per_step=1.0, batch_size=16,
+                   max_length=16, disable_tqdm=True, log=lambda *_: None)
+    summary = slenderize(str(teacher), data, data, out, **options)
+    assert [s["heads_per_layer"] for s in summary["steps"]] == [[3, 3, 2, 2], [2, 2, 1, 1]]
+    assert [s["ffn_per_layer"] for s in summary["steps"]] == [[23] * 4, [9] * 4]
+    assert summary["parameters"] < summary["teacher_parameters"]
+    assert 0.0 <= summary["eval_accuracy"] <= 1.0
+    assert json.loads((out / SUMMARY_FILE).read_text())["heads_per_layer"] == [2, 2, 1, 1]
+    for step in (1, 2):
+        assert (out / f"step{step}" / "step.json").is_file() and not (out / f"step{step}" / "checkpoints").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert isinstance(model, MagicPyramidForSequenceClassification)
+    assert model.layer_widths() == [(2, 9), (2, 9), (1, 9), (1, 9)] and model.config.exits_trained
+    # A Magic Pyramid model still: exits and the speed knob work.
+    input_ids, attention_mask = padded_batch(vocab=99)
+    with torch.no_grad():
+        fast = model(input_ids=input_ids, attention_mask=attention_mask, exit_threshold=1.0)
+    assert fast.exit_layer.tolist() == [1, 1, 1, 1]
+    # Rerun: every step is complete, nothing retrains; the same result.
+    (out / "step2" / "step.json").unlink()  # as if step 2 was interrupted after step 1
+    again = slenderize(str(teacher), data, data, out, **options)
+    assert again["steps"][0]["seconds"] == summary["steps"][0]["seconds"]  # step 1 read back, not rerun
+    assert again["heads_per_layer"] == [2, 2, 1, 1]
+
+
+def test_slenderize_refuses_bad_targets(tmp_path):
+    from hf_magicpyramid.slenderize import slenderize
+
+    teacher, _, data = _tiny_teacher_and_data(tmp_path)
+    with pytest.raises(ValueError, match=r"--heads 5 \(layer 1\) is out of range: widths are integers in \[1, 4\]"):
+        slenderize(str(teacher), data, None, tmp_path / "x", heads=5, ffn=9)
+    with pytest.raises(ValueError, match=r"--ffn has 3 entries"):
+        slenderize(str(teacher), data, None, tmp_path / "x", heads=2, ffn=[9, 9, 9])
