@@ -493,8 +493,15 @@ def slenderize(
         set_seed(seed + step)
         loader = torch.utils.data.DataLoader(train_data.with_format("torch"), batch_size=batch_size, shuffle=False, collate_fn=collator)
         start = time.perf_counter()
+        method = importance
+        if importance == "taylor" and assistant is None and not student.config.exits_trained:
+            # Fresh exit heads (the first step without an assistant) give noise gradients: rank by the final exit until
+            # the exits have been distilled once.
+            method = "taylor_final"
+            log(f"slenderize step {step}/{steps}: the exit heads are untrained, so this step ranks by the final exit's loss "
+                "(pass an assistant with trained exits to rank by every exit from the start)")
         head_scores, ffn_scores = importance_scores(
-            student, loader, teacher, importance, importance_batches, weights, assistant if importance == "taylor" else None
+            student, loader, teacher, method, importance_batches, weights, assistant if method == "taylor" else None
         )
         groups = student.driver.layer_groups(student.config.backbone_config)
         student.slim(select_kept(head_scores, step_heads, groups), select_kept(ffn_scores, step_ffn, groups))
@@ -509,7 +516,7 @@ def slenderize(
             f"slenderize step {step}/{steps}",
         )
         info.update(
-            step=step, heads_per_layer=student.config.heads_per_layer, ffn_per_layer=student.config.ffn_per_layer,
+            step=step, importance=method, heads_per_layer=student.config.heads_per_layer, ffn_per_layer=student.config.ffn_per_layer,
             parameters=parameter_count(student), eval_accuracy=evaluate(student), seconds=round(time.perf_counter() - start, 1),
         )
         if is_main_process():
