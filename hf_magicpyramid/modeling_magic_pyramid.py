@@ -96,6 +96,24 @@ class MagicPyramidModelOutput(ModelOutput):
     kept_tokens: torch.LongTensor | None = None
 
 
+class FactorizedEmbedding(nn.Module):
+    """A word-embedding table of rank r, used where the stock `nn.Embedding` was: a (vocab, r) lookup `table`, then an
+    r → embedding-size `projection` (no bias). `weight` gives the (vocab, embedding size) table it stands for."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.padding_idx = num_embeddings, embedding_dim, rank, padding_idx
+        self.table = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.projection = nn.Linear(rank, embedding_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.table(input_ids))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.projection(self.table.weight)
+
+
 class MagicPyramidPreTrainedModel(PreTrainedModel):
     config_class = MagicPyramidConfig
     config: MagicPyramidConfig
@@ -122,6 +140,11 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
             config._attn_implementation = "eager"
         self.backbone = self._auto_model_class.from_config(backbone_config, attn_implementation=attn)
         self._slim_to_config()
+        if config.embedding_rank is not None:
+            stock = self.get_input_embeddings()
+            self.set_input_embeddings(
+                FactorizedEmbedding(stock.num_embeddings, stock.embedding_dim, config.embedding_rank, stock.padding_idx)
+            )
         if config.token_pruning == "threshold":
             # LTP's learned per-layer thresholds: parameters (so the soft phase can learn them), mirrored in the config.
             self.prune_thresholds = nn.Parameter(torch.tensor(config.resolved_prune_thresholds(), dtype=torch.float32))
@@ -274,6 +297,27 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
         config.heads_per_layer = [heads for heads, _ in widths]
         config.ffn_per_layer = [ffn for _, ffn in widths]
         config.validate_pyramid()
+        return self
+
+    @torch.no_grad()
+    def factorize_embeddings(self, rank: int) -> "MagicPyramidPreTrainedModel":
+        """Replace the word-embedding table W (vocab × embedding size) by its truncated SVD of rank `rank`:
+        a lookup U_r·S_r (vocab × rank) and a projection V_rᵀ (rank → embedding size), the best rank-`rank` table in
+        the least-squares sense; `rank` equal to the embedding size reproduces W (up to float rounding). An already
+        factorised table is factorised again from the table it stands for. Sets `embedding_rank`, so the model saves
+        and reloads (also with `trust_remote_code`) in this shape. Returns self."""
+        limit = self.config.embedding_size
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+            raise ValueError(f"embedding rank {rank!r} is invalid: it must be an integer in [1, {limit}] (the embedding size).")
+        embeddings = self.get_input_embeddings()
+        weight = embeddings.weight.detach()
+        left, singular, right = torch.linalg.svd(weight.float(), full_matrices=False)
+        factorized = FactorizedEmbedding(embeddings.num_embeddings, embeddings.embedding_dim, rank, embeddings.padding_idx)
+        factorized.to(device=weight.device, dtype=weight.dtype)
+        factorized.table.weight.copy_(left[:, :rank] * singular[:rank])
+        factorized.projection.weight.copy_(right[:rank].T)
+        self.set_input_embeddings(factorized)
+        self.config.embedding_rank = rank
         return self
 
     def layer_widths(self) -> list[tuple[int, int]]:
@@ -1003,4 +1047,4 @@ def _structure_cause(config, missing: list[str], unexpected: list[str]) -> str:
     return "the model built from config.json has other tensors than the file."
 
 
-__all__ = ["MagicPyramidModel", "MagicPyramidForSequenceClassification", "MagicPyramidPreTrainedModel"]
+__all__ = ["MagicPyramidModel", "MagicPyramidForSequenceClassification", "MagicPyramidPreTrainedModel", "FactorizedEmbedding"]

@@ -273,6 +273,7 @@ def test_slender_models_load_through_trust_remote_code(tmp_path):
     for family in FAMILIES:
         _, pyramid = stock_and_pyramid(family, exit_layers=[1, 2, 4])
         pyramid.slim(*keep_plan(family))
+        pyramid.factorize_embeddings(6)  # the SVD embeddings travel too
         pyramid.save_pretrained(tmp_path / family)
         expected[family] = (pyramid.config.to_dict(), run(pyramid, input_ids, attention_mask))
         jobs.append({"dir": str(tmp_path / family), "out": str(tmp_path / f"{family}.pt")})
@@ -541,3 +542,42 @@ def test_real_minilm_slenderized_keeps_its_accuracy(tmp_path):
     assert summary["teacher_eval_accuracy"] >= 0.7
     # Measured: teacher 74.5%, slender 66.5% (pruned alone: 65.5-68%) on these 200 snippets, majority 59%.
     assert summary["eval_accuracy"] >= max(majority + 0.05, summary["teacher_eval_accuracy"] - 0.12), summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Embedding factorisation (truncated SVD)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_embedding_factorisation_full_rank_is_exact_and_round_trips(family, tmp_path):
+    _, pyramid = stock_and_pyramid(family)
+    input_ids, attention_mask = padded_batch()
+    expected = run(pyramid, input_ids, attention_mask)
+    table = pyramid.get_input_embeddings().weight.detach().clone()
+    full_rank = pyramid.config.embedding_size
+    parameters = sum(p.numel() for p in pyramid.parameters())
+    pyramid.factorize_embeddings(full_rank)
+    out = run(pyramid, input_ids, attention_mask)
+    for mine, theirs in zip(out.exit_logits, expected.exit_logits, strict=True):
+        assert_close(mine, theirs, atol=1e-4, what=f"{family} full-rank factorisation")
+    # A lower rank: the table is the truncated SVD of the stock one, and the parameter count follows the shapes.
+    pyramid.factorize_embeddings(4)
+    left, singular, right = torch.linalg.svd(table, full_matrices=False)
+    assert_close(pyramid.get_input_embeddings().weight, (left[:, :4] * singular[:4]) @ right[:4], atol=1e-4, what="rank-4 table")
+    vocab = table.shape[0]
+    assert sum(p.numel() for p in pyramid.parameters()) == parameters - vocab * full_rank + vocab * 4 + 4 * full_rank
+    # FLOPs count the new projection: 2 · tokens · rank · embedding size more than the stock embeddings.
+    ones = torch.ones(1, 10, dtype=torch.long)
+    stock_flops = int(full_model_flops(stock_and_pyramid(family)[1], ones)[0])
+    assert int(full_model_flops(pyramid, ones)[0]) == stock_flops + 2 * 10 * 4 * full_rank
+    pyramid.slim(*keep_plan(family))
+    pyramid.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["embedding_rank"] == 4
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    for key, value in pyramid.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    for mine, theirs in zip(run(loaded, input_ids, attention_mask).exit_logits, run(pyramid, input_ids, attention_mask).exit_logits):
+        assert torch.equal(mine, theirs)
+    with pytest.raises(ValueError, match=rf"embedding rank 0 is invalid: it must be an integer in \[1, {full_rank}\]"):
+        pyramid.factorize_embeddings(0)
