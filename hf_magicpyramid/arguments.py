@@ -316,6 +316,8 @@ class SlenderizeArguments:
                             "within a shared group).", default_factory=list)
     ffn: list[int] = _arg(help="Target FFN neurons: one number for every layer, or one per layer.", default_factory=list)
     steps: int = _arg(2, "Pruning steps toward the targets (widths shrink linearly); the model is distilled after each.")
+    embedding_rank: int | None = _arg(None, "Factorise the word embeddings by truncated SVD to this rank (a vocab x rank "
+                                      "table and a rank x hidden projection), shrinking with the steps. Default: keep them.")
     assistant: str | None = _arg(None, "Optional teacher assistant: a full-width multi-exit Magic Pyramid folder (e.g. "
                                  "train's output). The student starts from it and its exits teach the student's.")
     importance: Literal["taylor", "taylor_final", "magnitude"] = _arg(
@@ -351,6 +353,7 @@ class SlenderizeArguments:
         check_count("seed", self.seed, minimum=0)
         check_count("max_train_samples", self.max_train_samples, optional=True)
         check_count("max_eval_samples", self.max_eval_samples, optional=True)
+        check_count("embedding_rank", self.embedding_rank, optional=True)
         for name in ("epochs_per_step", "learning_rate", "temperature"):
             check_positive(name, getattr(self, name))
         for name in ("final_weight", "exit_weight", "hidden_weight", "hard_weight"):

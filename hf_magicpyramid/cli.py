@@ -291,6 +291,7 @@ def run_slenderize(run: SlenderizeArguments, data: DataArguments) -> int:
         heads=run.heads or config_full[0],
         ffn=run.ffn or config_full[1],
         steps=run.steps,
+        embedding_rank=run.embedding_rank,
         assistant=run.assistant,
         importance=run.importance,
         importance_batches=run.importance_batches,
@@ -312,7 +313,7 @@ def run_slenderize(run: SlenderizeArguments, data: DataArguments) -> int:
         save_steps=run.save_steps,
         disable_tqdm=run.disable_tqdm,
     )
-    print(json.dumps({k: summary.get(k) for k in ("final_model", "heads_per_layer", "ffn_per_layer", "parameters",
+    print(json.dumps({k: summary.get(k) for k in ("final_model", "heads_per_layer", "ffn_per_layer", "embedding_rank", "parameters",
                                                   "teacher_parameters", "eval_accuracy", "teacher_eval_accuracy")}, indent=2))
     return 0
 

@@ -381,6 +381,7 @@ def slenderize(
     heads,
     ffn,
     steps: int = 2,
+    embedding_rank: int | None = None,
     assistant=None,
     tokenizer=None,
     importance: str = "taylor",
@@ -405,7 +406,8 @@ def slenderize(
     log=print,
 ) -> dict:
     """Slenderize a fine-tuned classifier (COST-EFF): prune heads and neurons by importance in `steps` steps toward
-    `heads` / `ffn` (one number, or one per layer), distilling after each step from the teacher (and the assistant's
+    `heads` / `ffn` (one number, or one per layer) and, with `embedding_rank`, factorising the word embeddings by
+    truncated SVD toward that rank (linearly over the steps, as the widths), distilling after each step from the teacher (and the assistant's
     exits). Saves each step in `output_dir/stepK/` (resumable) and the final Magic Pyramid model, its tokenizer and
     `slenderize_summary.json` at the root of `output_dir`. Returns the summary.
 
@@ -446,6 +448,11 @@ def slenderize(
     # The widths must be possible on this family (albert: one width per shared group) before any work.
     MagicPyramidConfig(backbone_config=copy.deepcopy(config.backbone_config), heads_per_layer=head_targets, ffn_per_layer=ffn_targets)
     schedule = list(zip(width_schedule(config.resolved_heads(), head_targets, steps), width_schedule(config.resolved_ffn(), ffn_targets, steps)))
+    ranks = [None] * steps
+    if embedding_rank is not None:
+        if isinstance(embedding_rank, bool) or not isinstance(embedding_rank, int) or not 1 <= embedding_rank <= config.embedding_size:
+            raise ValueError(f"--embedding_rank {embedding_rank!r} is out of range: it must be an integer in [1, {config.embedding_size}] (the embedding size).")
+        ranks = [step_ranks[0] for step_ranks in width_schedule([config.embedding_size], [embedding_rank], steps)]
 
     common = dict(text_column=text_column, text_pair_column=text_pair_column, label_column=label_column, max_length=max_length, seed=seed)
     train_data = prepare_dataset(train_dataset, tokenizer, label2id, split="train", max_samples=max_train_samples, **common)
@@ -468,7 +475,7 @@ def slenderize(
         "importance": importance,
         "importance_batches": importance_batches,
         "weights": asdict(weights),
-        "targets": {"heads": head_targets, "ffn": ffn_targets},
+        "targets": {"heads": head_targets, "ffn": ffn_targets, "embedding_rank": embedding_rank},
         "train_samples": len(train_data),
         "eval_samples": len(eval_data) if eval_data is not None else 0,
         "teacher_parameters": parameter_count(teacher),
@@ -476,7 +483,7 @@ def slenderize(
     }
     set_seed(seed)
     student = None
-    for step, (step_heads, step_ffn) in enumerate(schedule, start=1):
+    for step, ((step_heads, step_ffn), step_rank) in enumerate(zip(schedule, ranks), start=1):
         step_dir = output_dir / f"step{step}"
         marker = step_dir / STEP_MARKER
         if marker.is_file():
@@ -505,8 +512,10 @@ def slenderize(
         )
         groups = student.driver.layer_groups(student.config.backbone_config)
         student.slim(select_kept(head_scores, step_heads, groups), select_kept(ffn_scores, step_ffn, groups))
+        if step_rank is not None and step_rank != student.config.embedding_rank:
+            student.factorize_embeddings(step_rank)
         log(f"slenderize step {step}/{steps}: heads {student.config.heads_per_layer}, ffn {student.config.ffn_per_layer}, "
-            f"{parameter_count(student):,} parameters; distilling")
+            f"embedding rank {student.config.embedding_rank}, {parameter_count(student):,} parameters; distilling")
         student.train_stage = 1
         for parameter in student.parameters():
             parameter.requires_grad_(True)
@@ -517,6 +526,7 @@ def slenderize(
         )
         info.update(
             step=step, importance=method, heads_per_layer=student.config.heads_per_layer, ffn_per_layer=student.config.ffn_per_layer,
+            embedding_rank=student.config.embedding_rank,
             parameters=parameter_count(student), eval_accuracy=evaluate(student), seconds=round(time.perf_counter() - start, 1),
         )
         if is_main_process():
@@ -533,6 +543,7 @@ def slenderize(
     summary.update(
         heads_per_layer=student.config.heads_per_layer,
         ffn_per_layer=student.config.ffn_per_layer,
+        embedding_rank=student.config.embedding_rank,
         parameters=parameter_count(student),
         teacher_eval_accuracy=evaluate(teacher),
         eval_accuracy=summary["steps"][-1]["eval_accuracy"],

@@ -581,3 +581,50 @@ def test_embedding_factorisation_full_rank_is_exact_and_round_trips(family, tmp_
         assert torch.equal(mine, theirs)
     with pytest.raises(ValueError, match=rf"embedding rank 0 is invalid: it must be an integer in \[1, {full_rank}\]"):
         pyramid.factorize_embeddings(0)
+
+
+def test_slenderize_command(tmp_path, capsys):
+    from hf_magicpyramid.cli import main
+    from hf_magicpyramid.slenderize import SUMMARY_FILE
+
+    teacher, _, data = _tiny_teacher_and_data(tmp_path)
+    data.to_csv(str(tmp_path / "train.csv"), index=False)
+    data.select(range(16)).to_csv(str(tmp_path / "dev.csv"), index=False)
+    out = tmp_path / "out"
+    code = main([
+        "slenderize", "--teacher", str(teacher), "--train-file", str(tmp_path / "train.csv"), "--validation-file",
+        str(tmp_path / "dev.csv"), "--heads", "2", "--ffn", "9", "--embedding-rank", "8", "--steps", "1",
+        "--importance-batches", "1", "--max-length", "16", "--batch-size", "16", "--output-dir", str(out), "--disable-tqdm", "true",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert '"embedding_rank": 8' in printed and '"heads_per_layer"' in printed
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["heads_per_layer"] == [2] * 4 and summary["ffn_per_layer"] == [9] * 4 and summary["embedding_rank"] == 8
+    assert summary["steps"][0]["eval_accuracy"] is not None and summary["parameters"] < summary["teacher_parameters"]
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.embedding_rank == 8 and model.layer_widths() == [(2, 9)] * 4
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ffn", "9"], None),  # heads alone or ffn alone is fine (checked below only for parsing)
+        ([], "no target widths: pass --heads H"),
+        (["--heads", "0"], r"heads=0 is out of range"),
+        (["--heads", "2", "--steps", "0"], r"steps=0 is out of range"),
+        (["--heads", "2", "--importance", "random"], r"invalid choice: 'random'"),
+    ],
+)
+def test_slenderize_command_refuses_bad_flags(flags, message, capsys):
+    from hf_magicpyramid.cli import parse_arguments
+
+    argv = ["--teacher", "t", "--dataset", "rotten_tomatoes", "--output_dir", "o", *flags]
+    if message is None:
+        run, _ = parse_arguments("slenderize", argv)
+        assert run.ffn == [9] and run.heads == []
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments("slenderize", argv)
+    assert exit_info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
