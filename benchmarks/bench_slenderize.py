@@ -5,7 +5,8 @@ For each: parameters, mean analytic FLOPs per test snippet, test accuracy with i
 stock model, and wall-clock speedup at batch 1 and 32 against the stock model in the same run (interleaved rounds).
 
     # the full run (idle machine; about 1-2 h on 2 CPU cores, most of it the three slenderizations)
-    python benchmarks/bench_slenderize.py --teacher outputs/demo/stage1_finetune/model --heads 4 --ffn 512 --steps 2
+    python benchmarks/bench_slenderize.py --teacher outputs/demo/stage1_finetune/model --assistant outputs/demo \
+        --heads 4 --ffn 512 --embedding-rank 128 --steps 2
 
     # a smoke check (minutes): tiny data and widths
     python benchmarks/bench_slenderize.py --teacher outputs/demo/stage1_finetune/model --quick
@@ -69,10 +70,14 @@ def predictions(model, batches, pyramid: bool):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default=None, help="the stock fine-tuned classifier (default: fine-tune one first)")
+    parser.add_argument("--assistant", default=None, help="a full-width Magic Pyramid with trained exits (e.g. outputs/demo): "
+                        "the students start from it and its exits teach theirs; without it the first step of 'taylor' "
+                        "ranks by the final exit only (fresh exits), so pass one to compare taylor with taylor_final")
     parser.add_argument("--output-dir", default="outputs/bench_slenderize")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--ffn", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--embedding-rank", type=int, default=None, help="SVD rank of the word embeddings (default: keep)")
     parser.add_argument("--epochs-per-step", type=float, default=1.0)
     parser.add_argument("--importance-batches", type=int, default=16)
     parser.add_argument("--methods", default="taylor,taylor_final,magnitude")
@@ -121,6 +126,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         summaries[method] = slenderize(
             str(teacher_dir), train, validation, folder, heads=args.heads, ffn=args.ffn, steps=args.steps,
+            embedding_rank=args.embedding_rank, assistant=args.assistant,
             importance=method, importance_batches=args.importance_batches, epochs_per_step=args.epochs_per_step,
             max_length=args.max_length, weights=DistillationWeights(),
         )
