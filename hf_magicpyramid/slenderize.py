@@ -54,6 +54,7 @@ from .training import (
 IMPORTANCE_METHODS = ("taylor", "taylor_final", "magnitude")
 STEP_MARKER = "step.json"
 SUMMARY_FILE = "slenderize_summary.json"
+SETTINGS_FILE = "slenderize_settings.json"  # what the steps in a folder were made from (checked on a rerun)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -419,6 +420,11 @@ def slenderize(
     from .data import prepare_dataset
 
     weights = weights or DistillationWeights()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "slenderize runs in one process (its student forward returns hidden states outside DDP's wrapper); launch it "
+            "without torchrun / WORLD_SIZE > 1."
+        )
     if importance not in IMPORTANCE_METHODS:
         raise ValueError(f"importance={importance!r} is not supported; choose one of {', '.join(map(repr, IMPORTANCE_METHODS))}.")
     output_dir = Path(output_dir)
@@ -460,8 +466,25 @@ def slenderize(
     if eval_dataset is not None:
         eval_data = prepare_dataset(eval_dataset, tokenizer, label2id, split="validation", max_samples=max_eval_samples, **common)
     collator = DataCollatorWithPadding(tokenizer)
+    # What the steps depend on: a rerun into the same folder resumes only a run of the same inputs and settings.
+    from .training import dataset_digest
+
+    settings = json.loads(json.dumps(dict(
+        teacher=str(teacher_id), assistant=getattr(assistant, "name_or_path", None) if assistant is not None else None,
+        heads=head_targets, ffn=ffn_targets, steps=steps, embedding_rank=embedding_rank, importance=importance,
+        importance_batches=importance_batches, epochs_per_step=epochs_per_step, learning_rate=learning_rate,
+        batch_size=batch_size, max_length=max_length, weights=asdict(weights), seed=seed,
+        train_data_sha256=dataset_digest(train_data),
+    ), default=str))
+    settings_file = output_dir / SETTINGS_FILE
+    if settings_file.is_file():
+        recorded = json.loads(settings_file.read_text())
+        changed = [f"{key} was {recorded.get(key)!r}, is {value!r}" for key, value in settings.items() if recorded.get(key) != value]
+        if changed:
+            raise ValueError(f"{output_dir} holds another slenderize run ({'; '.join(changed)}): choose another --output_dir, or remove it.")
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(settings_file, settings)
     barrier()
 
     def evaluate(model) -> float | None:

@@ -497,6 +497,9 @@ def test_slenderize_in_steps_resumes_and_saves_a_pyramid(tmp_path):
     again = slenderize(str(teacher), data, data, out, **options)
     assert again["steps"][0]["seconds"] == summary["steps"][0]["seconds"]  # step 1 read back, not rerun
     assert again["heads_per_layer"] == [2, 2, 1, 1]
+    # Another target into the same folder is refused, naming what changed.
+    with pytest.raises(ValueError, match=r"holds another slenderize run \(ffn was \[9, 9, 9, 9\], is \[10, 10, 10, 10\]\)"):
+        slenderize(str(teacher), data, data, out, **dict(options, ffn=10))
 
 
 def test_slenderize_refuses_bad_targets(tmp_path):
