@@ -272,26 +272,62 @@ class PlainDriver:
         return query, key, ctx.attention_mask.to(torch.bool)
 
     # --- surgery ------------------------------------------------------------------------------------------------------
-    def slim_layer(self, layer: nn.Module, head_index: torch.Tensor | None, ffn_index: torch.Tensor | None) -> None:
-        """Keep only the attention heads `head_index` and the FFN neurons `ffn_index` of a stock layer, in place.
+    def layer_groups(self, config) -> list[int]:
+        """For each layer (0-based), the index of the weight module it runs. Layers with the same index share weights
+        (albert), so they must keep the same heads and neurons."""
+        return list(range(config.num_hidden_layers))
 
-        Uses `prune_linear_layer` on the stock Linear modules: q/k/v rows and the attention output's columns per head,
-        the FFN's first Linear rows and second Linear columns. At least one head stays.
+    def slim_layer(
+        self,
+        layer: nn.Module,
+        head_index: torch.Tensor | None,
+        ffn_index: torch.Tensor | None,
+        base: nn.Module | None = None,
+    ) -> None:
+        """Keep only the attention heads `head_index` and the FFN neurons `ffn_index` (0-based, in the layer's current
+        numbering) of a layer module, in place; None keeps them all. Every stock layer the module runs is cut alike
+        (albert: each inner layer of the shared group).
+
+        Uses `prune_linear_layer` on the stock Linear modules: q/k/v rows (and the family's other per-head projections)
+        and the attention output's columns per head, the FFN's first Linear rows and second Linear columns; each keeps
+        its dtype. `base` (the stock base model) is needed where a head owns weights outside the layer (mpnet's
+        relative-position bias). At least one head and one neuron stay.
         """
         if not self.slimmable:
             raise ValueError(f"Per-layer widths are not supported for {self.model_type}: {self.slim_note}.")
+        # Indices live on the CPU (also while a model is built on the meta device); `_prune` moves them to the weights.
+        if head_index is not None:
+            head_index = torch.as_tensor(head_index, dtype=torch.long, device="cpu")
+            if head_index.numel() < 1:
+                raise ValueError("A layer must keep at least one attention head.")
+        if ffn_index is not None:
+            ffn_index = torch.as_tensor(ffn_index, dtype=torch.long, device="cpu")
+            if ffn_index.numel() < 1:
+                raise ValueError("A layer must keep at least one FFN neuron.")
+        for sublayer in self.sublayers(layer):
+            self._slim_sublayer(sublayer, head_index, ffn_index)
+        if head_index is not None:
+            self._slim_head_extras(layer, head_index, base)
+
+    def _head_projections(self, attention: nn.Module) -> list[str]:
+        """Paths (from the attention module) of the Linear layers whose output rows are per head."""
+        return list(dict.fromkeys((self.adapter.query, self.adapter.key, self.adapter.value)))
+
+    def _slim_head_extras(self, layer: nn.Module, head_index: torch.Tensor, base: nn.Module | None) -> None:
+        """Per-head weights outside the stock layer (none here; mpnet's relative-position bias)."""
+
+    def _slim_sublayer(self, layer: nn.Module, head_index: torch.Tensor | None, ffn_index: torch.Tensor | None) -> None:
         adapter = self.adapter
         attention = get_path(layer, adapter.attention)
         if head_index is not None:
-            head_index = torch.as_tensor(head_index, dtype=torch.long)
-            if head_index.numel() < 1:
-                raise ValueError("A layer must keep at least one attention head.")
             full_heads, head_dim, _ = self._widths(layer)
-            rows = (head_index[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+            if int(head_index.max()) >= full_heads or int(head_index.min()) < 0:
+                raise ValueError(f"head index {head_index.tolist()} is out of range: this layer has heads 0..{full_heads - 1}.")
+            rows = (head_index[:, None] * head_dim + torch.arange(head_dim, device="cpu")[None, :]).reshape(-1)
             if self.fused_qkv:  # rows are [q heads | k heads | v heads]
                 _prune(attention, adapter.query, torch.cat([rows + part * full_heads * head_dim for part in range(3)]), dim=0)
             else:
-                for path in (adapter.query, adapter.key, adapter.value):
+                for path in self._head_projections(attention):
                     _prune(attention, path, rows, dim=0)
             _prune(layer, adapter.attention_out, rows, dim=1)
             for attr in adapter.head_count_attrs:
@@ -299,13 +335,12 @@ class PlainDriver:
             for attr in adapter.head_size_attrs:
                 setattr(attention, attr, head_index.numel() * head_dim)
         if ffn_index is not None:
-            ffn_index = torch.as_tensor(ffn_index, dtype=torch.long)
-            if ffn_index.numel() < 1:
-                raise ValueError("A layer must keep at least one FFN neuron.")
+            _, _, full_ffn = self._widths(layer)
+            if int(ffn_index.max()) >= full_ffn or int(ffn_index.min()) < 0:
+                raise ValueError(f"FFN index {ffn_index.tolist()} is out of range: this layer has neurons 0..{full_ffn - 1}.")
             rows = ffn_index
             if self.gated_ffn:  # rows are [input | gate]
-                full = get_path(layer, adapter.ffn_in).out_features // 2
-                rows = torch.cat([ffn_index, ffn_index + full])
+                rows = torch.cat([ffn_index, ffn_index + full_ffn])
             _prune(layer, adapter.ffn_in, rows, dim=0)
             _prune(layer, adapter.ffn_out, ffn_index, dim=1)
 
@@ -313,12 +348,13 @@ class PlainDriver:
 class AlbertDriver(PlainDriver):
     """ALBERT: plain layers, shared. Layer i runs group int(i / (N / G)); a group runs its `inner_group_num` layers."""
 
-    slim_note = "albert shares one set of layer weights across layers, so per-layer widths cannot differ"
-
     def layer_modules(self, base: nn.Module) -> list[nn.Module]:
         groups = list(get_path(base, self.adapter.layers))
-        config = base.config
-        return [groups[int(i / (config.num_hidden_layers / config.num_hidden_groups))] for i in range(config.num_hidden_layers)]
+        return [groups[group] for group in self.layer_groups(base.config)]
+
+    def layer_groups(self, config) -> list[int]:
+        # Layers sharing a group share its weights: they keep the same heads and neurons (the group is cut once).
+        return [int(i / (config.num_hidden_layers / config.num_hidden_groups)) for i in range(config.num_hidden_layers)]
 
     def sublayers(self, layer: nn.Module) -> list[nn.Module]:
         return list(get_path(layer, self.adapter.sublayers))
@@ -365,18 +401,35 @@ class DebertaDriver(PlainDriver):
                 from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
 
                 relative = make_log_bucket_position(relative, encoder.position_buckets, encoder.max_relative_positions)
-            # Per-sample relative positions: the attention gathers over (batch * heads) rows.
-            heads = self.attention(self.layer_modules(base)[0]).num_attention_heads
-            ctx.extras["relative_pos"] = relative.to(torch.long).repeat_interleave(heads, dim=0).unsqueeze(0)
+            # Per-sample relative positions, (batch, seq, seq); each layer repeats them by its own head count, since
+            # the attention gathers over (batch * heads) rows and a slender model's layers differ in heads.
+            ctx.extras["sample_relative_pos"] = relative.to(torch.long)
+            ctx.extras["relative_pos_by_heads"] = {}
         else:
             ctx.extras["relative_pos"] = encoder.get_rel_pos(hidden)
         ctx.extras["rel_embeddings"] = encoder.get_rel_embedding()
+
+    def _relative_pos(self, layer: nn.Module, ctx: LayerContext):
+        """The relative positions layer `layer` takes: shared (seq, seq), or per sample as (1, batch · heads, seq, seq)."""
+        per_sample = ctx.extras.get("sample_relative_pos")
+        if per_sample is None:
+            return ctx.extras.get("relative_pos")
+        heads = self.attention(layer).num_attention_heads
+        cache = ctx.extras["relative_pos_by_heads"]  # per call: layers of the same width share one tensor
+        if heads not in cache:
+            cache[heads] = per_sample.repeat_interleave(heads, dim=0).unsqueeze(0)
+        return cache[heads]
+
+    def _head_projections(self, attention: nn.Module) -> list[str]:
+        # Without shared keys, the relative embeddings have their own per-head projections: cut with the heads they serve.
+        extra = [name for name in ("pos_key_proj", "pos_query_proj") if isinstance(getattr(attention, name, None), nn.Linear)]
+        return super()._head_projections(attention) + extra
 
     def run_layer(self, base, index, layer, hidden, ctx, output_attentions=False):
         out, weights = layer(
             hidden,
             ctx.layer_mask,
-            relative_pos=ctx.extras.get("relative_pos"),
+            relative_pos=self._relative_pos(layer, ctx),
             rel_embeddings=ctx.extras.get("rel_embeddings"),
             output_attentions=output_attentions,
         )
@@ -401,26 +454,54 @@ class DebertaDriver(PlainDriver):
 
 
 class MpnetDriver(PlainDriver):
-    """MPNet: one relative-position bias, computed once per call, added in every layer."""
+    """MPNet: one relative-position bias, computed once per call, added in every layer.
+
+    The bias has a column per head. A layer that lost heads gets its own bias table with the columns of the heads it
+    kept (`attention.attn.relative_attention_bias`, buckets × kept heads, saved with the model); a layer at full width
+    reads the shared one.
+    """
 
     sdpa = False
     returns_attention = True
-    slim_note = "mpnet adds one relative-position bias with a column per head to every layer, so heads cannot differ per layer"
 
     def _fill_context(self, ctx: LayerContext, base: nn.Module, hidden: torch.Tensor) -> None:
         super()._fill_context(ctx, base, hidden)
         encoder = base.encoder
         if ctx.pruned:
             relative = ctx.positions[:, None, :] - ctx.positions[:, :, None]
-            # The stock encoder buckets with its method's defaults (32 buckets); so does this.
-            buckets = encoder.relative_position_bucket(relative)
-            ctx.extras["position_bias"] = encoder.relative_attention_bias(buckets).permute(0, 3, 1, 2).contiguous()
         else:
-            ctx.extras["position_bias"] = encoder.compute_position_bias(hidden)
+            positions = torch.arange(hidden.shape[1], dtype=torch.long, device=hidden.device)
+            relative = (positions[None, :] - positions[:, None]).unsqueeze(0)
+        # The stock encoder buckets with its method's defaults (32 buckets); so does this.
+        buckets = encoder.relative_position_bucket(relative)
+        ctx.extras["position_buckets"] = buckets
+        ctx.extras["position_bias"] = self._bias(encoder.relative_attention_bias, buckets, hidden.shape[0])
+
+    @staticmethod
+    def _bias(table: nn.Embedding, buckets: torch.Tensor, batch: int) -> torch.Tensor:
+        """(batch, heads, seq, seq) bias from (batch or 1, seq, seq) buckets, as the stock `compute_position_bias`."""
+        values = table(buckets).permute(0, 3, 1, 2)
+        return values.expand(batch, -1, -1, -1).contiguous()
 
     def run_layer(self, base, index, layer, hidden, ctx, output_attentions=False):
-        outputs = layer(hidden, ctx.layer_mask, ctx.extras["position_bias"], output_attentions=output_attentions)
+        own = getattr(self.attention(layer), "relative_attention_bias", None)
+        bias = ctx.extras["position_bias"] if own is None else self._bias(own, ctx.extras["position_buckets"], hidden.shape[0])
+        outputs = layer(hidden, ctx.layer_mask, bias, output_attentions=output_attentions)
         return _first(outputs[0]), outputs[1] if output_attentions else None
+
+    def _slim_head_extras(self, layer: nn.Module, head_index: torch.Tensor, base: nn.Module | None) -> None:
+        attention = self.attention(layer)
+        table = getattr(attention, "relative_attention_bias", None)
+        if table is None:
+            if base is None:
+                raise ValueError("Slimming an mpnet layer's heads needs the base model (its relative-position bias): pass base=.")
+            table = base.encoder.relative_attention_bias
+        weight = table.weight.detach()[:, head_index.to(table.weight.device)]
+        own = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            own.weight.copy_(weight)
+        own.weight.requires_grad_(table.weight.requires_grad)
+        attention.relative_attention_bias = own
 
 
 class ModernBertDriver(PlainDriver):
@@ -491,7 +572,9 @@ def _first(out):
 
 def _prune(root: nn.Module, path: str, index: torch.Tensor, dim: int) -> None:
     linear = get_path(root, path)
-    set_path(root, path, prune_linear_layer(linear, index.to(linear.weight.device), dim=dim))
+    pruned = prune_linear_layer(linear, index.to(linear.weight.device), dim=dim)
+    # prune_linear_layer builds the new Linear in the default dtype (fp32 for a bf16 layer): keep the layer's own.
+    set_path(root, path, pruned.to(dtype=linear.weight.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

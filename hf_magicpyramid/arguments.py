@@ -403,6 +403,69 @@ class BenchArguments:
             check_choice("lines", line, _bench_lines())
 
 
+@dataclass(kw_only=True)
+class SlenderizeArguments:
+    """What `slenderize` starts from, its target widths, and how it distils (COST-EFF)."""
+
+    _argument_group_name = "slenderize"
+
+    teacher: str = _arg(help="The fine-tuned classifier to slenderize (a folder or Hub id; stock or Magic Pyramid). It "
+                        "is also the distillation teacher.", aliases=("model_name_or_path",))
+    output_dir: str = _arg(help="Folder for the steps (stepK/) and, at its root, the slender model, its tokenizer and "
+                           "slenderize_summary.json.")
+    heads: list[int] = _arg(help="Target attention heads: one number for every layer, or one per layer (albert: equal "
+                            "within a shared group).", default_factory=list)
+    ffn: list[int] = _arg(help="Target FFN neurons: one number for every layer, or one per layer.", default_factory=list)
+    steps: int = _arg(2, "Pruning steps toward the targets (widths shrink linearly); the model is distilled after each.")
+    embedding_rank: int | None = _arg(None, "Factorise the word embeddings by truncated SVD to this rank (a vocab x rank "
+                                      "table and a rank x hidden projection), shrinking with the steps. Default: keep them.")
+    assistant: str | None = _arg(None, "Optional teacher assistant: a full-width multi-exit Magic Pyramid folder (e.g. "
+                                 "train's output). The student starts from it and its exits teach the student's.")
+    importance: Literal["taylor", "taylor_final", "magnitude"] = _arg(
+        "taylor", "How heads and neurons are ranked: taylor (first-order Taylor, every exit's distillation loss), "
+        "taylor_final (the final exit's only) or magnitude (weight L1).")
+    importance_batches: int = _arg(8, "Training batches whose gradients the Taylor scores accumulate, per step.")
+    epochs_per_step: float = _arg(1.0, "Distillation epochs after each pruning step (a fresh optimizer and schedule).")
+    learning_rate: float = _arg(5e-5, "Learning rate of the distillation.")
+    batch_size: int = _arg(32, "Training batch size per device.", ("per_device_train_batch_size",))
+    eval_batch_size: int = _arg(64, "Evaluation batch size.", ("per_device_eval_batch_size",))
+    max_length: int = _arg(DEFAULT_MAX_LENGTH, "Tokens per input after truncation.", ("max_seq_length",))
+    temperature: float = _arg(1.0, "Softmax temperature of the soft cross-entropy terms.")
+    final_weight: float = _arg(1.0, "Weight of the final exit's soft cross-entropy against the teacher.")
+    exit_weight: float = _arg(1.0, "Weight of the exit-to-exit soft cross-entropy (mean over intermediate exits).")
+    hidden_weight: float = _arg(1.0, "Weight of the hidden-state MSE on real tokens (mean over layers).")
+    hard_weight: float = _arg(0.0, "Weight of the cross-entropy with the labels (mean over exits); 0 = none.")
+    exit_pooling: Literal[EXIT_POOLINGS] | None = _arg(
+        None, "What a new exit reads (without --assistant): cls or mean. Default: mean for sentence-embedding "
+        "checkpoints, else the config's cls.")
+    max_train_samples: int | None = _arg(None, "Train on a seeded subsample of this many rows.")
+    max_eval_samples: int | None = _arg(None, "Evaluate on a seeded subsample of this many rows.")
+    seed: int = _arg(42, "Seed of the data order and the subsampling.")
+    logging_steps: int = _arg(50, "Trainer logging interval.")
+    save_steps: int = _arg(500, "Trainer checkpoint interval inside a step (a rerun resumes from the last one).")
+    disable_tqdm: bool | None = _arg(None, "Hide the Trainer's progress bars (default: the Trainer's choice).")
+
+    def __post_init__(self):
+        if not self.heads and not self.ffn:
+            raise ValueError("no target widths: pass --heads H (and/or --ffn N), one number or one per layer.")
+        for name in ("steps", "importance_batches", "batch_size", "eval_batch_size", "max_length", "logging_steps",
+                     "save_steps"):
+            check_count(name, getattr(self, name))
+        check_count("seed", self.seed, minimum=0)
+        check_count("max_train_samples", self.max_train_samples, optional=True)
+        check_count("max_eval_samples", self.max_eval_samples, optional=True)
+        check_count("embedding_rank", self.embedding_rank, optional=True)
+        for name in ("epochs_per_step", "learning_rate", "temperature"):
+            check_positive(name, getattr(self, name))
+        for name in ("final_weight", "exit_weight", "hidden_weight", "hard_weight"):
+            check_between(name, getattr(self, name), 0.0, math.inf)
+        check_choice("importance", self.importance, ("taylor", "taylor_final", "magnitude"))
+        check_choice("exit_pooling", self.exit_pooling, EXIT_POOLINGS, optional=True)
+        for name in ("heads", "ffn"):
+            for width in getattr(self, name):
+                check_count(name, width)
+
+
 __all__ = [
     "BenchArguments",
     "RecipeSettings",
@@ -414,4 +477,5 @@ __all__ = [
     "PredictArguments",
     "DEFAULT_MAX_LENGTH",
     "parse_pyramid_options",
+    "SlenderizeArguments",
 ]

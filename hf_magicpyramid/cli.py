@@ -26,6 +26,7 @@ from .arguments import (
     EvalDataArguments,
     PushArguments,
     RecipeSettings,
+    SlenderizeArguments,
     SweepArguments,
     TrainRunArguments,
     parse_pyramid_options,
@@ -76,6 +77,14 @@ BENCH_EPILOG = f"""examples:
   {PROG} bench --model out/rt --dataset rotten_tomatoes --max_samples 200 --rounds 1 --lines stock pyramid pyramid_int8"""
 
 # command → (dataclasses of its flags, help, description, epilog)
+PREDICT_EPILOG = f"""examples:
+  {PROG} predict --model out/mine --input reviews.csv --output reviews.scored.csv
+  {PROG} predict --model out/mine --input big.jsonl --output big.out.jsonl --on_bad_row skip --exit_threshold 0.3
+  # 2 processes (each with half the cores): rank r classifies chunks r, r+2, ...; rank 0 merges
+  OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m hf_magicpyramid.cli predict --model out/mine --input big.csv --output out.csv
+
+Rerun the same command after an interruption to resume from the last finished chunk (kept in OUTPUT.parts/)."""
+
 COMMANDS = {
     "train": (
         (TrainRunArguments, DataArguments, RecipeSettings),
@@ -108,23 +117,28 @@ COMMANDS = {
         "and bench.png. Lines whose optional dependency is missing are reported as skipped.",
         BENCH_EPILOG,
     ),
+    "slenderize": (
+        (SlenderizeArguments, DataArguments),
+        "Slenderize a fine-tuned classifier (COST-EFF): fewer heads and FFN neurons in every layer, by distillation.",
+        "Prunes attention heads and FFN neurons by importance toward --heads / --ffn in --steps steps, distilling from "
+        "the teacher after each; every layer keeps its exit. Each step is saved in a subfolder of --output_dir (a rerun "
+        "resumes after the last complete one); the slender Magic Pyramid model, its tokenizer and "
+        "slenderize_summary.json go to its root.",
+        f"""examples:
+  {PROG} slenderize --teacher out/rt/stage1_finetune/model --dataset rotten_tomatoes --heads 4 --ffn 512 \\
+      --steps 2 --output_dir out/rt-slender
+  {PROG} slenderize --teacher ./my-finetuned-bert --train_file train.csv --validation_file dev.csv --heads 6 \\
+      --ffn 1536 --assistant out/mine --output_dir out/mine-slender
+Then calibrate it: {PROG} sweep --model_name_or_path out/rt-slender --dataset rotten_tomatoes --stock_model TEACHER""",
+    ),
+    "predict": (
+        (PredictArguments,),
+        "Classify a CSV, TSV, JSON lines or Parquet file of any size: streamed, length-bucketed, resumable, torchrun-ready.",
+        "Writes the input's rows in order with `label`, `score` and `exit_layer` (and `id` when the input has none) added. "
+        "Reads and commits --chunk_size rows at a time, so memory does not grow with the file.",
+        PREDICT_EPILOG,
+    ),
 }
-
-PREDICT_EPILOG = f"""examples:
-  {PROG} predict --model out/mine --input reviews.csv --output reviews.scored.csv
-  {PROG} predict --model out/mine --input big.jsonl --output big.out.jsonl --on_bad_row skip --exit_threshold 0.3
-  # 2 processes (each with half the cores): rank r classifies chunks r, r+2, ...; rank 0 merges
-  OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m hf_magicpyramid.cli predict --model out/mine --input big.csv --output out.csv
-
-Rerun the same command after an interruption to resume from the last finished chunk (kept in OUTPUT.parts/)."""
-
-COMMANDS["predict"] = (
-    (PredictArguments,),
-    "Classify a CSV, TSV, JSON lines or Parquet file of any size: streamed, length-bucketed, resumable, torchrun-ready.",
-    "Writes the input's rows in order with `label`, `score` and `exit_layer` (and `id` when the input has none) added. "
-    "Reads and commits --chunk_size rows at a time, so memory does not grow with the file.",
-    PREDICT_EPILOG,
-)
 
 _NOT_GIVEN = object()  # marks a flag that was not on the command line
 
@@ -312,9 +326,6 @@ def run_bench(args: BenchArguments) -> int:
     return 0
 
 
-RUNS = {"train": run_train, "sweep": run_sweep, "push": run_push, "bench": run_bench}
-
-
 def run_predict(arguments: PredictArguments) -> int:
     """Classify a file with `predict.predict_file`; print its summary (rank 0). Returns the exit code."""
     import dataclasses as _dataclasses
@@ -335,7 +346,62 @@ def run_predict(arguments: PredictArguments) -> int:
     return 0
 
 
-RUNS["predict"] = run_predict
+
+
+def run_slenderize(run: SlenderizeArguments, data: DataArguments) -> int:
+    from .slenderize import DistillationWeights, slenderize
+
+    train, validation = _load_splits(data, need_train=True)
+    config_full = None
+    if not run.heads or not run.ffn:  # only one target given: the other stays at the teacher's full width
+        from transformers import AutoConfig
+
+        from .configuration_magic_pyramid import MagicPyramidConfig
+        from .training import resolve_backbone
+
+        config = AutoConfig.from_pretrained(resolve_backbone(run.teacher))
+        if not isinstance(config, MagicPyramidConfig):
+            config = MagicPyramidConfig(backbone_config=config)
+        config_full = (config.full_heads, config.full_ffn)
+    summary = slenderize(
+        run.teacher,
+        train,
+        validation,
+        run.output_dir,
+        heads=run.heads or config_full[0],
+        ffn=run.ffn or config_full[1],
+        steps=run.steps,
+        embedding_rank=run.embedding_rank,
+        assistant=run.assistant,
+        importance=run.importance,
+        importance_batches=run.importance_batches,
+        epochs_per_step=run.epochs_per_step,
+        learning_rate=run.learning_rate,
+        batch_size=run.batch_size,
+        eval_batch_size=run.eval_batch_size,
+        max_length=run.max_length,
+        weights=DistillationWeights(final=run.final_weight, exits=run.exit_weight, hidden=run.hidden_weight,
+                                    hard=run.hard_weight, temperature=run.temperature),
+        exit_pooling=run.exit_pooling,
+        text_column=data.text_column,
+        text_pair_column=data.text_pair_column,
+        label_column=data.label_column,
+        max_train_samples=run.max_train_samples,
+        max_eval_samples=run.max_eval_samples,
+        seed=run.seed,
+        logging_steps=run.logging_steps,
+        save_steps=run.save_steps,
+        disable_tqdm=run.disable_tqdm,
+    )
+    print(json.dumps({k: summary.get(k) for k in ("final_model", "heads_per_layer", "ffn_per_layer", "embedding_rank", "parameters",
+                                                  "teacher_parameters", "eval_accuracy", "teacher_eval_accuracy")}, indent=2))
+    return 0
+
+
+RUNS = {
+    "train": run_train, "sweep": run_sweep, "push": run_push, "bench": run_bench, "predict": run_predict,
+    "slenderize": run_slenderize,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

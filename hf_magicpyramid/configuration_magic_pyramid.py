@@ -89,6 +89,9 @@ class MagicPyramidConfig(PreTrainedConfig):
             Attention heads kept in each layer (a slenderized model). Defaults to the backbone's head count everywhere.
         ffn_per_layer (`list[int]`, *optional*):
             FFN (intermediate) neurons kept in each layer. Defaults to the backbone's intermediate size everywhere.
+        embedding_rank (`int`, *optional*):
+            Rank of a factorised word-embedding table (a vocab × rank lookup, then a rank × embedding-size projection,
+            from a truncated SVD). `None` keeps the stock table. At most the embedding size.
         exits_trained (`bool`, *optional*):
             Whether the intermediate exit heads have been trained: `False` after `from_backbone` (fresh heads), set to
             `True` by the first training forward whose loss reaches them. `None` (configs that predate it) means unknown.
@@ -121,6 +124,7 @@ class MagicPyramidConfig(PreTrainedConfig):
     heads_per_layer: list[int] | None = None
     ffn_per_layer: list[int] | None = None
     exits_trained: bool | None = None
+    embedding_rank: int | None = None
 
     def __post_init__(self, **kwargs):
         # Keep our own copy: transformers resets sub-configs' attention settings, which must not reach the caller's model.
@@ -163,6 +167,11 @@ class MagicPyramidConfig(PreTrainedConfig):
     @property
     def full_ffn(self) -> int:
         return driver_for(self.backbone_type).full_widths(self.backbone_config)[1]
+
+    @property
+    def embedding_size(self) -> int:
+        """Width of the word-embedding table (albert and electra: their embedding_size; others: the hidden size)."""
+        return getattr(self.backbone_config, "embedding_size", None) or self.hidden_size
 
     def resolved_exit_layers(self) -> list[int]:
         """Sorted 1-based exit layers, always ending with the last layer."""
@@ -218,6 +227,13 @@ class MagicPyramidConfig(PreTrainedConfig):
             check_keep_ratios(self.keep_ratios, num_layers)
         if self.prune_thresholds is not None:
             check_prune_thresholds(self.prune_thresholds, num_layers)
+        if self.embedding_rank is not None:
+            rank = self.embedding_rank
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.embedding_size:
+                raise ValueError(
+                    f"embedding_rank={rank!r} is invalid: it must be an integer in [1, {self.embedding_size}] (the "
+                    f"embedding size), or None for the stock table."
+                )
         for name, values, full in (
             ("heads_per_layer", self.heads_per_layer, self.full_heads),
             ("ffn_per_layer", self.ffn_per_layer, self.full_ffn),
@@ -234,6 +250,15 @@ class MagicPyramidConfig(PreTrainedConfig):
                     raise ValueError(
                         f"{name}[{layer - 1}]={width!r} (layer {layer}) is invalid: widths are integers in [1, {full}] "
                         f"(the backbone's full width)."
+                    )
+            groups = driver.layer_groups(self.backbone_config)
+            for layer, group in enumerate(groups):
+                first = groups.index(group)
+                if values[layer] != values[first]:
+                    raise ValueError(
+                        f"{name}={values} is not supported for {self.backbone_type}: layers {first + 1} and {layer + 1} "
+                        f"share one set of weights, so their widths must be equal (give one width to every layer of a "
+                        f"shared group)."
                     )
 
 

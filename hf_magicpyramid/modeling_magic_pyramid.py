@@ -96,6 +96,24 @@ class MagicPyramidModelOutput(ModelOutput):
     kept_tokens: torch.LongTensor | None = None
 
 
+class FactorizedEmbedding(nn.Module):
+    """A word-embedding table of rank r, used where the stock `nn.Embedding` was: a (vocab, r) lookup `table`, then an
+    r → embedding-size `projection` (no bias). `weight` gives the (vocab, embedding size) table it stands for."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.padding_idx = num_embeddings, embedding_dim, rank, padding_idx
+        self.table = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.projection = nn.Linear(rank, embedding_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.table(input_ids))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.projection(self.table.weight)
+
+
 class MagicPyramidPreTrainedModel(PreTrainedModel):
     config_class = MagicPyramidConfig
     config: MagicPyramidConfig
@@ -122,6 +140,11 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
             config._attn_implementation = "eager"
         self.backbone = self._auto_model_class.from_config(backbone_config, attn_implementation=attn)
         self._slim_to_config()
+        if config.embedding_rank is not None:
+            stock = self.get_input_embeddings()
+            self.set_input_embeddings(
+                FactorizedEmbedding(stock.num_embeddings, stock.embedding_dim, config.embedding_rank, stock.padding_idx)
+            )
         if config.token_pruning == "threshold":
             # LTP's learned per-layer thresholds: parameters (so the soft phase can learn them), mirrored in the config.
             self.prune_thresholds = nn.Parameter(torch.tensor(config.resolved_prune_thresholds(), dtype=torch.float32))
@@ -203,17 +226,99 @@ class MagicPyramidPreTrainedModel(PreTrainedModel):
         return self.driver.layer_modules(self.base_encoder)
 
     def _slim_to_config(self) -> None:
-        """Shrink each layer to `heads_per_layer` / `ffn_per_layer` so a slender checkpoint loads into the right shapes."""
+        """Shrink each layer to `heads_per_layer` / `ffn_per_layer` so a slender checkpoint loads into the right shapes
+        (layers that share weights, albert's, are cut once)."""
         config = self.config
         if config.heads_per_layer is None and config.ffn_per_layer is None:
             return
-        for layer, heads, ffn in zip(self.layers, config.resolved_heads(), config.resolved_ffn()):
+        groups = self.driver.layer_groups(config.backbone_config)
+        done = set()
+        for group, layer, heads, ffn in zip(groups, self.layers, config.resolved_heads(), config.resolved_ffn()):
+            if group in done:
+                continue
+            done.add(group)
             full_heads, full_ffn = self.driver.layer_widths(layer)
             self.driver.slim_layer(
                 layer,
-                torch.arange(heads) if heads != full_heads else None,
-                torch.arange(ffn) if ffn != full_ffn else None,
+                list(range(heads)) if heads != full_heads else None,
+                list(range(ffn)) if ffn != full_ffn else None,
+                base=self.base_encoder,
             )
+
+    def slim(self, head_index=None, ffn_index=None) -> "MagicPyramidPreTrainedModel":
+        """Structural pruning, in place: keep in layer i only the attention heads `head_index[i]` and the FFN neurons
+        `ffn_index[i]` (0-based indices in the layer's current numbering; None, or a None entry, keeps them all).
+        The removed heads' q/k/v rows and attention-output columns, and the removed neurons' rows and columns, are
+        gone from the weights; `heads_per_layer` / `ffn_per_layer` are updated, so `save_pretrained` and
+        `from_pretrained` (also with `trust_remote_code`) rebuild the same shapes. Layers that share weights (albert)
+        must be given the same indices. Returns self.
+        """
+        config = self.config
+        num_layers = config.num_hidden_layers
+        groups = self.driver.layer_groups(config.backbone_config)
+        plans = []
+        for name, indices, position in (("head_index", head_index, 0), ("ffn_index", ffn_index, 1)):
+            if indices is None:
+                plans.append([None] * num_layers)
+                continue
+            if len(indices) != num_layers:
+                raise ValueError(f"{name} has {len(indices)} entries; it needs one per layer ({num_layers}), None to keep a layer whole.")
+            plan = []
+            for layer, (group, keep) in enumerate(zip(groups, indices)):
+                if keep is not None:
+                    width = self.driver.layer_widths(self.layers[layer])[position]
+                    keep = sorted(set(int(i) for i in torch.as_tensor(keep).reshape(-1).tolist()))
+                    if not keep:
+                        raise ValueError(f"{name}[{layer}] is empty: layer {layer + 1} must keep at least one {'head' if position == 0 else 'FFN neuron'}.")
+                    if keep[0] < 0 or keep[-1] >= width:
+                        raise ValueError(f"{name}[{layer}]={keep} is out of range: layer {layer + 1} has indices 0..{width - 1}.")
+                    if len(keep) == width:
+                        keep = None
+                first = groups.index(group)
+                if first != layer and keep != plan[first]:
+                    raise ValueError(
+                        f"{name}[{layer}]={keep} differs from {name}[{first}]={plan[first]}: layers {first + 1} and {layer + 1} "
+                        f"of this {config.backbone_type} model share one set of weights, so they keep the same indices."
+                    )
+                plan.append(keep)
+            plans.append(plan)
+        done = set()
+        for group, layer, heads, ffn in zip(groups, self.layers, *plans):
+            if group in done:
+                continue
+            done.add(group)
+            self.driver.slim_layer(
+                layer,
+                None if heads is None else torch.tensor(heads),
+                None if ffn is None else torch.tensor(ffn),
+                base=self.base_encoder,
+            )
+        widths = self.layer_widths()
+        config.heads_per_layer = [heads for heads, _ in widths]
+        config.ffn_per_layer = [ffn for _, ffn in widths]
+        config.validate_pyramid()
+        return self
+
+    @torch.no_grad()
+    def factorize_embeddings(self, rank: int) -> "MagicPyramidPreTrainedModel":
+        """Replace the word-embedding table W (vocab × embedding size) by its truncated SVD of rank `rank`:
+        a lookup U_r·S_r (vocab × rank) and a projection V_rᵀ (rank → embedding size), the best rank-`rank` table in
+        the least-squares sense; `rank` equal to the embedding size reproduces W (up to float rounding). An already
+        factorised table is factorised again from the table it stands for. Sets `embedding_rank`, so the model saves
+        and reloads (also with `trust_remote_code`) in this shape. Returns self."""
+        limit = self.config.embedding_size
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+            raise ValueError(f"embedding rank {rank!r} is invalid: it must be an integer in [1, {limit}] (the embedding size).")
+        embeddings = self.get_input_embeddings()
+        weight = embeddings.weight.detach()
+        left, singular, right = torch.linalg.svd(weight.float(), full_matrices=False)
+        factorized = FactorizedEmbedding(embeddings.num_embeddings, embeddings.embedding_dim, rank, embeddings.padding_idx)
+        factorized.to(device=weight.device, dtype=weight.dtype)
+        factorized.table.weight.copy_(left[:, :rank] * singular[:rank])
+        factorized.projection.weight.copy_(right[:rank].T)
+        self.set_input_embeddings(factorized)
+        self.config.embedding_rank = rank
+        return self
 
     def layer_widths(self) -> list[tuple[int, int]]:
         """(attention heads, FFN neurons) of every layer as built."""
@@ -942,4 +1047,4 @@ def _structure_cause(config, missing: list[str], unexpected: list[str]) -> str:
     return "the model built from config.json has other tensors than the file."
 
 
-__all__ = ["MagicPyramidModel", "MagicPyramidForSequenceClassification", "MagicPyramidPreTrainedModel"]
+__all__ = ["MagicPyramidModel", "MagicPyramidForSequenceClassification", "MagicPyramidPreTrainedModel", "FactorizedEmbedding"]

@@ -451,7 +451,7 @@ def _slender(family: str = "bert") -> MagicPyramidForSequenceClassification:
     return MagicPyramidForSequenceClassification(config).eval()
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("albert", "mpnet")])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "albert"])
 def test_slender_model_widths_and_round_trip(family, tmp_path):
     model = _slender(family)
     assert model.layer_widths() == list(zip(SLIM_HEADS, SLIM_FFN))
@@ -469,9 +469,10 @@ def test_slender_model_widths_and_round_trip(family, tmp_path):
         assert_close(ours, theirs, atol=0.0)
 
 
-@pytest.mark.parametrize("family", ["albert", "mpnet"])
+@pytest.mark.parametrize("family", ["albert"])
 def test_slender_unsupported_families_fail_clearly(family):
-    # Refused when the config is built, before any model exists.
+    # Layers that share weights (albert's groups: layers 1-2 here) cannot differ in width; refused when the config is
+    # built, before any model exists. (mpnet is slimmable: each slim layer gets its own bias columns.)
     with pytest.raises(ValueError, match=rf"heads_per_layer=\[4, 2, 4, 4\] is not supported for {family}"):
         MagicPyramidConfig(backbone_config=tiny_config(family), heads_per_layer=[4, 2, 4, 4])
     # Full widths written out are fine: they change nothing.
