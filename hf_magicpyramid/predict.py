@@ -652,7 +652,6 @@ def _format_of(path: str, role: str) -> str:
 def _distributed():
     """(rank, world size, whether this call created the process group) from torchrun's environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     if world <= 1:
         return 0, 1, False
     import datetime
