@@ -511,15 +511,22 @@ def _run_encoder(
                 stream.soften(model.prune_thresholds[value], config.pruning_temperature)
                 stream.scores = None
                 continue
-            if kind == "topk":
-                counts = topk_counts(stream.original_lengths, value, config.min_kept_tokens)
-            else:
-                counts = threshold_counts(stream.scores, stream.attention_mask, value, config.min_kept_tokens)
-            if bool((counts < stream.attention_mask.sum(dim=1)).any()):
-                index, new_mask = select_tokens(stream.scores, stream.attention_mask, counts)
-                stream.keep_tokens(index, new_mask)
-            stream.scores = None
+            prune_tokens(stream, kind, value, config.min_kept_tokens)
     return stream, kept_tokens
+
+
+def prune_tokens(stream: _Stream, kind: str, value, min_kept_tokens: int) -> None:
+    """Remove tokens from `stream` after a layer: `kind` "topk" keeps `value` (a keep ratio) of each sample's original
+    tokens, "threshold" keeps those whose importance reaches `value`; at least `min_kept_tokens` stay. The layer's
+    importance scores are consumed."""
+    if kind == "topk":
+        counts = topk_counts(stream.original_lengths, value, min_kept_tokens)
+    else:
+        counts = threshold_counts(stream.scores, stream.attention_mask, value, min_kept_tokens)
+    if bool((counts < stream.attention_mask.sum(dim=1)).any()):
+        index, new_mask = select_tokens(stream.scores, stream.attention_mask, counts)
+        stream.keep_tokens(index, new_mask)
+    stream.scores = None
 
 
 class MagicPyramidModel(MagicPyramidPreTrainedModel):

@@ -12,8 +12,8 @@ is far lower than eager PyTorch's. This module exports, with dynamic batch and s
 - `exit_<L>.onnx`: (hidden, attention_mask) → logits, one per intermediate exit; `final.onnx`: the stock head.
 
 `OnnxPyramid` then runs the loop of `modeling_magic_pyramid._run_encoder` and the classifier's `on_layer` between ONNX
-Runtime sessions, with the model's own rules (`exits.exit_decision`, `pruning.select_tokens` / `topk_counts` /
-`threshold_counts`) on torch tensors: finished samples leave the batch, pruned tokens leave the sequence. fp32 graphs
+Runtime sessions, with the model's own rules (`exits.exit_decision`, `modeling_magic_pyramid.prune_tokens`)
+on torch tensors: finished samples leave the batch, pruned tokens leave the sequence. fp32 graphs
 give the torch path's logits within 1e-4 (tests/test_onnx.py), batch = alone included. `quantize="int8"` runs
 `onnxruntime.quantization.quantize_dynamic` on every graph (int8 weights; activations quantized per call, so like torch
 int8 a sample's logits move slightly with its batch neighbours).
@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from .exits import PatienceState, exit_decision, exit_rule_can_fire, resolve_problem_type
-from .modeling_magic_pyramid import MagicPyramidClassifierOutput, _resolve_speed, _Stream
-from .pruning import AttentionCapture, select_tokens, threshold_counts, topk_counts
+from .modeling_magic_pyramid import MagicPyramidClassifierOutput, _resolve_speed, _Stream, prune_tokens
+from .pruning import AttentionCapture
 
 OPSET = 17
 ONNX_METHODS = (None, "int8")
@@ -294,15 +294,7 @@ class OnnxPyramid:
             if stream.rows.numel() == 0:
                 break
             if next_step is not None:
-                kind, value = next_step
-                if kind == "topk":
-                    counts = topk_counts(stream.original_lengths, value, config.min_kept_tokens)
-                else:
-                    counts = threshold_counts(stream.scores, stream.attention_mask, value, config.min_kept_tokens)
-                if bool((counts < stream.attention_mask.sum(dim=1)).any()):
-                    index, new_mask = select_tokens(stream.scores, stream.attention_mask, counts)
-                    stream.keep_tokens(index, new_mask)
-                stream.scores = None
+                prune_tokens(stream, *next_step, config.min_kept_tokens)
         return MagicPyramidClassifierOutput(logits=logits_out, exit_layer=exit_layer, kept_tokens=kept_tokens)
 
 
