@@ -231,8 +231,9 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path, tiny_dir):
 # The recipe: stages, resume, final model, CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
+# pruning="on": these tests are about the pruning stages themselves (on toy snippets, auto would drop the pruning).
 RECIPE = dict(batch_size=8, epochs=1, pruning_epochs=1, pruned_finetune_epochs=1, exit_epochs=1, logging_steps=2,
-              save_steps=2, disable_tqdm=True, learning_rate=1e-3)
+              save_steps=2, disable_tqdm=True, learning_rate=1e-3, pruning="on")
 
 
 class _Interrupt(Exception):
@@ -413,7 +414,7 @@ def test_rerun_that_changes_no_result_reuses_the_run(tmp_path, tiny_dir, finishe
     [
         (dict(names=("bad", "good")), r"labels were \['neg', 'pos'\], are \['bad', 'good'\]"),
         (dict(seed=5), r"the tokenized training data .* differs"),
-        (dict(exit_epochs=2), r"exit_epochs was 1, is 2; in stage4_exits, training_summary.json"),
+        (dict(exit_epochs=2), r"exit_epochs was 1, is 2; in stage4_exits, stage5_calibrate, training_summary.json"),
         (dict(learning_rate=2e-3), r"learning_rate was 0.001, is 0.002; in stage1_finetune, stage3_pruned_finetune, stage4_exits"),
         (dict(keep_ratios=[1.0, 1.0, 0.9, 0.8]), r"keep_ratios was None, is \[1.0, 1.0, 0.9, 0.8\]"),
         (dict(legacy=True), r"stage1_finetune/ has no readable fingerprint.json .*older version"),
@@ -450,7 +451,7 @@ def test_overwrite_output_dir_retrains_and_keeps_the_users_files(tmp_path, tiny_
     (out / "calibration.json").write_text("{}")  # the old model's calibration: it must not describe the new one
     lines: list[str] = []
     summary = train_magic_pyramid(str(tiny_dir), *small_data(names=("bad", "good")), out, overwrite_output_dir=True,
-                                  log=lines.append, **dict(SMALL, token_pruning="none"))  # stages 1 and 4 only: faster
+                                  log=lines.append, **dict(SMALL, token_pruning="none", calibrate=False))  # stages 1 and 4 only
     assert any("overwrite_output_dir: removed" in line for line in lines)
     assert any("stage1_finetune] done" in line for line in lines)  # retrained, not resumed
     assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "loss.png").read_bytes() == b"png"
@@ -521,6 +522,7 @@ def test_cli_train_then_sweep(tmp_path, tiny_dir):
         "train", "--backbone", str(tiny_dir), "--train-file", str(train_file), "--validation-file", str(validation_file),
         "--text-column", "sentence", "--output-dir", str(out), "--epochs", "1", "--exit-epochs", "1",
         "--pruned-finetune-epochs", "1", "--token-pruning", "topk", "--batch-size", "8", "--learning-rate", "1e-3",
+        "--pruning", "on", "--calibrate", "false",
     ])
     assert code == 0
     weights = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
@@ -567,6 +569,43 @@ def test_cli_train_then_sweep(tmp_path, tiny_dir):
     config = json.loads((out / "config.json").read_text())
     assert config.get("exit_threshold") == report["chosen"]["setting"]["exit_threshold"]
     assert config["keep_ratio_scale"] == report["chosen"]["setting"]["keep_ratio_scale"]
+
+    # With the calibration stage (the default): the same stages 1-4, then stage 5 only; the stored default is what
+    # `sweep --max_drop 0.5` chooses on the same data.
+    import shutil
+
+    calibrated = tmp_path / "calibrated"
+    for folder in ("stage1_finetune", "stage3_pruned_finetune", "stage4_exits"):
+        shutil.copytree(out / folder, calibrated / folder)
+    argv = [
+        "train", "--backbone", str(tiny_dir), "--train-file", str(train_file), "--validation-file", str(validation_file),
+        "--text-column", "sentence", "--output-dir", str(calibrated), "--epochs", "1", "--exit-epochs", "1",
+        "--pruned-finetune-epochs", "1", "--token-pruning", "topk", "--batch-size", "8", "--learning-rate", "1e-3",
+        "--pruning", "on",
+    ]
+    assert cli_main(argv) == 0
+    summary = json.loads((calibrated / "training_summary.json").read_text())
+    assert [summary["stages"][f"stage{i}_{name}"]["status"] for i, name in ((1, "finetune"), (4, "exits"), (5, "calibrate"))] == [
+        "trained", "trained", "calibrated"]
+    assert hashlib.sha256((calibrated / "model.safetensors").read_bytes()).hexdigest() == weights  # stages reused
+    stored = summary["calibration"]["chosen"]["setting"]
+    config = json.loads((calibrated / "config.json").read_text())
+    assert summary["default_speed"] == stored == {k: config.get(k) for k in stored}
+    assert summary["calibration"]["max_drop"] == 0.5 and isinstance(summary["calibration"]["budget_met"], bool)
+    assert summary["reference"]["eval_accuracy"] == json.loads((calibrated / "calibration.json").read_text())["stock"]["accuracy"]
+    exact_point = next(p for p in json.loads((calibrated / "calibration.json").read_text())["points"]
+                       if p["setting"] == {"exit_threshold": None, "keep_ratio_scale": 0.0})
+    assert summary["final_exact"]["eval_accuracy"] == exact_point["accuracy"]
+    assert summary["final_exact"]["difference"] == exact_point["difference"]
+    code = cli_main(["sweep", "--model", str(calibrated), "--validation-file", str(validation_file), "--text-column",
+                     "sentence", "--max-drop", "0.5", "--batch1-samples", "0", "--batch_size", "64",
+                     "--report_dir", str(tmp_path / "sweep")])
+    assert code == 0
+    swept = json.loads((tmp_path / "sweep" / "calibration.json").read_text())
+    assert swept["chosen"]["setting"] == stored
+    assert json.loads((calibrated / "config.json").read_text()) == config  # the same default, stored again
+    assert cli_main(argv) == 0  # a finished calibration is not redone
+    assert json.loads((calibrated / "training_summary.json").read_text()) == summary
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -786,14 +825,15 @@ def logged_run(tmp_path_factory, tiny_dir):
 
 def test_recipe_bars_and_log_lines_are_named_by_stage(logged_run):
     lines, stderr, _, _ = logged_run
-    for label in ("stage 1/4: fine-tune", "stage 3/4: pruned fine-tune", "stage 4/4: train exits"):
+    for label in ("stage 1/5: fine-tune", "stage 3/5: pruned fine-tune", "stage 4/5: train exits"):
         assert f"{label}: 100%" in stderr, label  # the training bar
         assert f"{label} (evaluation): 100%" in stderr, label
-    assert "stage 2/4" not in stderr  # skipped: no bar
-    assert any(line.startswith("stage 1/4: fine-tune [stage1_finetune] done in") for line in lines), lines
-    assert any(line.startswith("stage 2/4: learn pruning [stage2_learn_pruning] skipped: token_pruning='topk'") for line in lines)
-    assert any(line.startswith("stage 3/4: pruned fine-tune [stage3_pruned_finetune] done in") for line in lines)
-    assert any(line.startswith("stage 4/4: train exits [stage4_exits] done in") for line in lines)
+    assert "stage 2/5" not in stderr  # skipped: no bar
+    assert any(line.startswith("stage 1/5: fine-tune [stage1_finetune] done in") for line in lines), lines
+    assert any(line.startswith("stage 2/5: learn pruning [stage2_learn_pruning] skipped: token_pruning='topk'") for line in lines)
+    assert any(line.startswith("stage 3/5: pruned fine-tune [stage3_pruned_finetune] done in") for line in lines)
+    assert any(line.startswith("stage 4/5: train exits [stage4_exits] done in") for line in lines)
+    assert any(line.startswith("stage 5/5: calibrate [stage5_calibrate] done in") for line in lines)
 
 
 def test_recipe_run_shows_no_expected_load_report(logged_run):
