@@ -30,6 +30,7 @@ from .configuration_magic_pyramid import (
 
 DEFAULT_MAX_LENGTH = 128
 PRUNING_DECISIONS = ("auto", "on", "off")
+EXIT_TEACHERS = ("final_exit", "every_exit")
 # MagicPyramidConfig fields (the backbone and the labels come from the backbone and the data, never from settings).
 CONFIG_FIELDS = tuple(name for name in MagicPyramidConfig.__annotations__ if name != "backbone_config")
 
@@ -123,6 +124,10 @@ class RecipeSettings:
     exit_objective: Literal[EXIT_OBJECTIVES] = _arg(
         "self_distillation", "How the exits learn: self_distillation (from the final head, backbone frozen), two_stage "
         "(from the labels, backbone frozen) or joint (with the backbone, depth-weighted).")
+    exit_teacher: Literal[EXIT_TEACHERS] = _arg(
+        "final_exit", "exit_objective=joint only: what the stage-1 model teaches (weight distillation_alpha) while the "
+        "exits train with the backbone. final_exit: the final exit only; every_exit: every exit, depth-weighted like "
+        "the joint loss (Σ layer_k · soft-CE_k / Σ layer_k), which also holds the final exit's accuracy.")
     exit_pooling: Literal[EXIT_POOLINGS] | None = _arg(
         None, "What an exit reads: cls (the first token) or mean (of the kept tokens). Default: mean for "
         "sentence-embedding checkpoints, else cls.")
@@ -152,7 +157,7 @@ class RecipeSettings:
         "training texts must reach one layer's share of the forward (1/num_layers: 0.167 for 6 layers), what the exits "
         "save by leaving one layer earlier at no cost to the backbone. A layer is costed as its tokens plus 36 (its "
         "fixed cost at batch 1: BENCHMARKS.md measured 3.3 ms + 0.094 ms per token for a bert-base layer on CPU), so the "
-        "1.0->0.5 pyramid saves about 0.11 on 29-token snippets and 0.23 on 512-token reviews (threshold pruning: "
+        "1.0->0.5 pyramid saves about 0.10 on 29-token snippets and 0.23 on 512-token reviews (threshold pruning: "
         "checked after stage 3 on the tokens it kept on validation). (2) Accuracy: after the pruned fine-tune (stage "
         "3) its validation accuracy must be within --max_drop of stage 1's. Where either fails, the exits train on the "
         "unpruned stage-1 backbone and the saved model has token_pruning none. on: always kept; off: never (stages 2-3 "
@@ -188,6 +193,7 @@ class RecipeSettings:
         check_choice("exit_pooling", self.exit_pooling, EXIT_POOLINGS, optional=True)
         check_choice("exit_criterion", self.exit_criterion, EXIT_CRITERIA)
         check_choice("pruning", self.pruning, PRUNING_DECISIONS)
+        check_choice("exit_teacher", self.exit_teacher, EXIT_TEACHERS)
         if not _is_number(self.max_drop):
             raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
         if isinstance(self.calibration_folds, bool) or not isinstance(self.calibration_folds, int) or self.calibration_folds in (1,) or self.calibration_folds < 0:
@@ -301,8 +307,13 @@ class SweepArguments:
     batch_size: int = _arg(32, "Batch size of the measurements.", ("per_device_eval_batch_size",))
     batch1_samples: int = _arg(100, "Samples timed one at a time (0 skips the batch-1 timing).")
     report_dir: str | None = _arg(None, "Where calibration.json and calibration.png go. Default: the model folder.")
+    calibration_folds: int = _arg(
+        0, "With --max_drop and 2 or more: also estimate the chosen setting's drop without selection bias, by K-fold "
+        "cross-validation of the choice (choose on K-1 folds, score on the held-out one). 0: off.")
 
     def __post_init__(self):
+        if isinstance(self.calibration_folds, bool) or not isinstance(self.calibration_folds, int) or self.calibration_folds in (1,) or self.calibration_folds < 0:
+            raise ValueError(f"calibration_folds={self.calibration_folds!r} is out of range: it must be 0 (off) or an integer >= 2.")
         if self.max_drop is not None and not _is_number(self.max_drop):
             raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
         check_count("max_length", self.max_length)

@@ -800,8 +800,9 @@ def calibrate_folder(
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     stock_path = stock_model or _stock_model_for(model_dir)
     stock = AutoModelForSequenceClassification.from_pretrained(stock_path) if stock_path else None
-    report = calibrate(model, dataset, tokenizer, stock_model=stock, max_drop=max_drop, log=log,
-                       keep_correct=bool(folds) or calibrate_kwargs.pop("keep_correct", False), **calibrate_kwargs)
+    keep_correct = calibrate_kwargs.pop("keep_correct", False) or bool(folds)
+    report = calibrate(model, dataset, tokenizer, stock_model=stock, max_drop=max_drop, log=log, keep_correct=keep_correct,
+                       **calibrate_kwargs)
     if folds and max_drop is not None:
         add_cross_validation(report, folds, log=log)
     if stock_path:

@@ -15,6 +15,15 @@
   4. `stage4_exits`: train the exits. Two-stage objectives (`"self_distillation"`, the default, and `"two_stage"`)
      freeze the backbone and its head (bit-identical) and train only the exit heads. `"joint"` trains every exit with the
      backbone in stage 3 already, so stage 4 is skipped.
+  5. `stage5_calibrate`: the sweep (`calibration.calibrate`) on the validation data against the stage-1 model, with
+     `max_drop`: the chosen setting becomes the saved default, and `calibration.json` lies beside the model. Skipped
+     with `calibrate=False` or without validation data: the saved default is then the exact model.
+
+  Pruning only where it pays (`pruning="auto"`): before stage 2 the top-k schedule's expected time saving on the
+  training texts' lengths (`pruning_length_check`) must reach one layer's share of the forward; after stage 3 the pruned
+  model's validation accuracy must be within `max_drop` of stage 1's. Where either fails, stages 2-3 are skipped (or
+  their result set aside), stage 4 trains the exits on the stage-1 backbone, and the saved model has
+  `token_pruning="none"`. The decision and its numbers are logged and saved in the summary (`pruning_decision`).
 
   Each stage's progress bars and log lines carry its name ("stage 3/4: pruned fine-tune"); transformers' load report is
   shown only for what a stage does not expect (stage 1's new classification head is expected).
@@ -209,6 +218,9 @@ class MagicPyramidTrainer(Trainer):
             `torch.no_grad()` in eval mode and is a plain attribute: not wrapped by DDP, not saved in checkpoints.
             Used only while the final head is trained (stage 1 of a two-stage objective, or `"joint"`).
         distillation_alpha (`float`, defaults to 0.5), distillation_temperature (`float`, defaults to 2.0).
+        distill_every_exit (`bool`, defaults to `False`): for `exit_objective="joint"`, every exit learns from the
+            teacher, not only the final one: the distillation term is Σ_k layer_k · soft-CE(exit_k, teacher) / Σ_k layer_k
+            (depth-weighted like the joint task loss), weighted `distillation_alpha` against the joint task loss.
         freeze (`str`, defaults to `"none"`): `"backbone"` freezes the stock backbone and its head (and LTP's thresholds)
             and runs it in eval mode (no dropout): only the exit heads learn (stage 2 of the two-stage objectives);
             `"exits"` freezes the exit heads (stage 1: they get no gradient and DDP must not wait for them).
@@ -228,6 +240,7 @@ class MagicPyramidTrainer(Trainer):
         teacher: nn.Module | None = None,
         distillation_alpha: float = 0.5,
         distillation_temperature: float = 2.0,
+        distill_every_exit: bool = False,
         freeze: str = "none",
         threshold_learning_rate: float | None = None,
         progress_description: str | None = None,
@@ -255,6 +268,7 @@ class MagicPyramidTrainer(Trainer):
         self.freeze = freeze
         self.distillation_alpha = distillation_alpha
         self.distillation_temperature = distillation_temperature
+        self.distill_every_exit = distill_every_exit
         self.threshold_learning_rate = threshold_learning_rate
         # Our loss is a per-batch mean: the Trainer must divide it by the accumulation steps (the model sets
         # accepts_loss_kwargs = False, and this says so explicitly for the teacher term too).
@@ -297,7 +311,14 @@ class MagicPyramidTrainer(Trainer):
                 teacher_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
                 teacher_logits = self.teacher(**teacher_inputs).logits
             final_logits = outputs.exit_logits[-1] if pyramid else outputs.logits
-            distill = soft_cross_entropy(final_logits, teacher_logits, self.distillation_temperature)
+            if pyramid and self.distill_every_exit and unwrapped.config.exit_objective == "joint":
+                weights = [float(layer) for layer in unwrapped.exit_layers]
+                distill = sum(
+                    weight * soft_cross_entropy(logits, teacher_logits, self.distillation_temperature)
+                    for weight, logits in zip(weights, outputs.exit_logits)
+                ) / sum(weights)
+            else:
+                distill = soft_cross_entropy(final_logits, teacher_logits, self.distillation_temperature)
             penalty = 0.0
             if pyramid and outputs.pruning_loss is not None:
                 penalty = unwrapped.config.pruning_penalty * outputs.pruning_loss
@@ -602,8 +623,10 @@ _FIRST_STAGE_OF_SETTING: dict[str, int | None] = {
     "pruning_epochs": 2, "threshold_learning_rate": 2, "token_pruning": 2, "exit_objective": 2, "exit_pooling": 2,
     "exit_criterion": 2, "pruning_penalty": 2, "keep_ratios": 2, "pyramid_options": 2, "distillation_alpha": 2,
     "teacher_temperature": 2,
-    "pruned_finetune_epochs": 3, "pruning": 2,
-    "exit_epochs": 4, "exit_learning_rate": 4, "max_drop": 4,  # max_drop: the accuracy check of the pruning decision
+    "pruned_finetune_epochs": 3,
+    # pruning, max_drop: the pruning decision (whether stage 4 trains on the pruned or the stage-1 backbone); stages 2-3
+    # run the same whatever they are, or not at all.
+    "exit_epochs": 4, "exit_learning_rate": 4, "pruning": 4, "max_drop": 4, "exit_teacher": 2,
     "calibrate": 5, "calibration_folds": 5,
 }
 _INPUT_DESCRIPTIONS = {
@@ -917,6 +940,7 @@ def _run_stage(
         teacher=teacher if settings.distillation_alpha > 0 else None,
         distillation_alpha=settings.distillation_alpha,
         distillation_temperature=settings.teacher_temperature,
+        distill_every_exit=settings.exit_teacher == "every_exit",
         freeze=freeze,
         threshold_learning_rate=threshold_learning_rate,
         callbacks=callbacks,
@@ -1385,11 +1409,16 @@ def train_magic_pyramid(
         else:
             model = MagicPyramidForSequenceClassification.from_backbone(load_stock(), **final_options)
         model.train_stage = 1 if joint else 2
+        # Joint training of the exits with the backbone here (no pruned stage 3 did it): the stage-1 model teaches
+        # every exit when asked (exit_teacher="every_exit"), holding the final exit's accuracy.
+        exit_teacher = load_stock() if joint and settings.exit_teacher == "every_exit" and settings.distillation_alpha > 0 else None
         info = _run_stage(
             STAGE_FOLDERS[3], stage4, model, tokenizer, train_data, eval_data, settings, settings.exit_epochs,
             settings.learning_rate if joint else settings.exit_learning_rate, freeze="none" if joint else "backbone",
-            log=log, callbacks=callbacks, fingerprint=records[3], extra_info={"pruning_decision": decision},
+            teacher=exit_teacher, log=log, callbacks=callbacks, fingerprint=records[3],
+            extra_info={"pruning_decision": decision},
         )
+        del exit_teacher
     if info["status"] != "skipped":
         last_dir = stage4
     summary["stages"][STAGE_FOLDERS[3]] = info
