@@ -174,6 +174,10 @@ class RecipeSettings:
         0, "With 2 or more: also estimate the calibrated setting's drop without selection bias, by K-fold "
         "cross-validation of the choice on the validation split (choose on K-1 folds, score on the held-out one); "
         "reported beside the chosen point. Worth it when the validation set is too small to resolve --max_drop. 0: off.")
+    calibration_holdout: float = _arg(
+        0.0, "A share of the training rows, in [0, 0.5), set aside (seeded) before any training and added to the "
+        "validation data of the calibration stage: more samples to resolve --max_drop when the validation set is small "
+        "(or calibration at all without one). The model trains on the rest. 0: none.")
 
     def __post_init__(self):
         for name in ("max_length", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "save_steps",
@@ -194,6 +198,7 @@ class RecipeSettings:
         check_choice("exit_criterion", self.exit_criterion, EXIT_CRITERIA)
         check_choice("pruning", self.pruning, PRUNING_DECISIONS)
         check_choice("exit_teacher", self.exit_teacher, EXIT_TEACHERS)
+        check_between("calibration_holdout", self.calibration_holdout, 0.0, 0.5, high_open=True)
         if not _is_number(self.max_drop):
             raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
         if isinstance(self.calibration_folds, bool) or not isinstance(self.calibration_folds, int) or self.calibration_folds in (1,) or self.calibration_folds < 0:

@@ -17,7 +17,8 @@
      backbone in stage 3 already, so stage 4 is skipped.
   5. `stage5_calibrate`: the sweep (`calibration.calibrate`) on the validation data against the stage-1 model, with
      `max_drop`: the chosen setting becomes the saved default, and `calibration.json` lies beside the model. Skipped
-     with `calibrate=False` or without validation data: the saved default is then the exact model.
+     with `calibrate=False` or without calibration data (validation, or `calibration_holdout` rows held out of
+     training): the saved default is then the exact model.
 
   Pruning only where it pays (`pruning="auto"`): before stage 2 the top-k schedule's expected time saving on the
   training texts' lengths (`pruning_length_check`) must reach one layer's share of the forward; after stage 3 the pruned
@@ -25,7 +26,7 @@
   their result set aside), stage 4 trains the exits on the stage-1 backbone, and the saved model has
   `token_pruning="none"`. The decision and its numbers are logged and saved in the summary (`pruning_decision`).
 
-  Each stage's progress bars and log lines carry its name ("stage 3/4: pruned fine-tune"); transformers' load report is
+  Each stage's progress bars and log lines carry its name ("stage 3/5: pruned fine-tune"); transformers' load report is
   shown only for what a stage does not expect (stage 1's new classification head is expected).
 
   Before any training, the final model's config is built (a bad option fails in the first seconds) and each stage's
@@ -57,6 +58,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from torch import nn
@@ -1108,7 +1110,7 @@ def _pruning_decision_after_stage3(decision: dict, settings: RecipeSettings, pru
 
 
 def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSettings, stage_dir: Path, fingerprint: dict,
-                     log) -> tuple[dict, dict]:
+                     log, dataset_name: str = "the validation split") -> tuple[dict, dict]:
     """Stage 5: `calibration.calibrate` (the sweep's code) on the validation data against the stage-1 model, with
     `max_drop`; the report saved as `stage_dir/calibration.json`, then the marker. Returns (report, info)."""
     from .calibration import add_cross_validation, calibrate, resolution_note, save_report
@@ -1123,7 +1125,7 @@ def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSetting
     report = calibrate(
         final, eval_data, tokenizer, stock_model=stock, max_drop=settings.max_drop, max_length=settings.max_length,
         batch_size=settings.eval_batch_size, measure="chosen", batch1_samples=min(50, len(eval_data)),
-        keep_correct=settings.calibration_folds > 0, seed=settings.seed, dataset_name="the validation split",
+        keep_correct=settings.calibration_folds > 0, seed=settings.seed, dataset_name=dataset_name,
         log=lambda line: log(f"{tag} {line}"),
     )
     if settings.calibration_folds:
@@ -1140,6 +1142,7 @@ def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSetting
         "max_drop": settings.max_drop,
         "reference_accuracy": report["reference_accuracy"],
         "num_samples": report["num_samples"],
+        "dataset": dataset_name,
         "cross_validation": report.get("cross_validation"),
         "note": resolution_note(report),
     }
@@ -1238,6 +1241,10 @@ def train_magic_pyramid(
         max_length=settings.max_length, seed=settings.seed,
     )
     train_data = prepare_dataset(train_dataset, tokenizer, label2id, split="train", max_samples=max_train_samples, **common)
+    holdout_data = None
+    if settings.calibration_holdout > 0:  # set aside before any training: the model never sees these rows
+        split = train_data.train_test_split(test_size=settings.calibration_holdout, seed=settings.seed, shuffle=True)
+        train_data, holdout_data = split["train"], split["test"]
     eval_data = None
     if eval_dataset is not None:
         eval_data = prepare_dataset(eval_dataset, tokenizer, label2id, split="validation", max_samples=max_eval_samples, **common)
@@ -1270,6 +1277,7 @@ def train_magic_pyramid(
         "labels": label_names,
         "train_samples": len(train_data),
         "eval_samples": len(eval_data) if eval_data is not None else 0,
+        "calibration_holdout_samples": len(holdout_data) if holdout_data is not None else 0,
         "settings": asdict(settings),
         "pyramid_options": pyramid_options,
         "stages": {},
@@ -1447,12 +1455,17 @@ def train_magic_pyramid(
     skip = None
     if not settings.calibrate:
         skip = "calibrate=False: the saved default is the exact model (no early exit, no pruning)"
-    elif eval_data is None:
+    elif eval_data is None and holdout_data is None:
         skip = "no validation data: the saved default is the exact model (no early exit, no pruning)"
     info = _finished_stage(STAGE_FOLDERS[4], stage5, skip, log, settings)
     report = None
     if info is None:
-        report, info = _run_calibration(final, load_stock(), eval_data, tokenizer, settings, stage5, records[4], log)
+        # The validation data, plus the rows held out of training (calibration_holdout).
+        parts = [part for part in (eval_data, holdout_data) if part is not None]
+        calibration_data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        names = [name for name, part in (("the validation split", eval_data), (f"{len(holdout_data or [])} training rows held out", holdout_data)) if part is not None]
+        report, info = _run_calibration(final, load_stock(), calibration_data, tokenizer, settings, stage5, records[4], log,
+                                        dataset_name=" + ".join(names))
     elif info["status"] != "skipped":
         from .calibration import load_calibration
 
@@ -1461,7 +1474,7 @@ def train_magic_pyramid(
     if report is not None:
         final.set_speed(**report["chosen"]["setting"])
         summary["calibration"] = {
-            key: info.get(key) for key in ("chosen", "budget_met", "max_drop", "reference_accuracy", "num_samples", "cross_validation", "note")
+            key: info.get(key) for key in ("chosen", "budget_met", "max_drop", "reference_accuracy", "num_samples", "dataset", "cross_validation", "note")
         }
     summary["default_speed"] = {knob: getattr(final.config, knob) for knob in exact_speed(final.config)}
     summary["fingerprint"] = fingerprints[-1]

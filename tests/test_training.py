@@ -727,6 +727,25 @@ def test_long_texts_keep_pruning_unless_the_validation_check_fails(tmp_path, tin
         assert torch.equal(final["backbone." + name], value), name
 
 
+@pytest.mark.slow
+def test_calibration_on_rows_held_out_of_training_with_folds(tmp_path, tiny_dir):
+    """calibration_holdout: a seeded share of the training rows never trains and calibrates the speed (here without any
+    validation data); calibration_folds adds the cross-validated estimate to the summary and calibration.json."""
+    out = tmp_path / "holdout"
+    lines: list[str] = []
+    summary = train_magic_pyramid(str(tiny_dir), toy_data(32, 0), None, out, log=lines.append,
+                                  **dict(SMALL, token_pruning="none", calibration_holdout=0.25, calibration_folds=2))
+    assert summary["train_samples"] == 24 and summary["calibration_holdout_samples"] == 8
+    assert summary["stages"]["stage4_exits"]["global_steps"] == 3  # 24 rows, batch 8: the held-out rows never train
+    calibration = summary["calibration"]
+    assert calibration["num_samples"] == 8 and calibration["dataset"] == "8 training rows held out"
+    assert calibration["cross_validation"]["folds"] == 2 and len(calibration["cross_validation"]["per_fold"]) == 2
+    assert json.loads((out / "calibration.json").read_text())["cross_validation"] == calibration["cross_validation"]
+    assert any(line.startswith("stage 5/5: calibrate [stage5_calibrate] cross-validated (2 folds") for line in lines), lines
+    assert "reference" not in summary  # no validation split: nothing to compare on there
+    assert summary["default_speed"] == calibration["chosen"]["setting"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Clear errors on bad data
 # ---------------------------------------------------------------------------------------------------------------------
