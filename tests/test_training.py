@@ -837,7 +837,8 @@ def test_cli_train_with_a_preset(tmp_path, tiny_dir):
     toy_data(16, 1).to_csv(str(validation_file))
     out = tmp_path / "model"
     code = cli_main(["train", "--preset", str(preset_file), "--train-file", str(train_file), "--validation-file",
-                     str(validation_file), "--output-dir", str(out), "--exit-objective", "two_stage"])
+                     str(validation_file), "--output-dir", str(out), "--exit-objective", "two_stage",
+                     "--pruning", "on"])  # the preset's keep_ratios must reach the config (auto drops them on snippets)
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     summary = json.loads((out / "training_summary.json").read_text())
