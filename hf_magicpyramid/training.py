@@ -1110,7 +1110,7 @@ def _pruning_decision_after_stage3(decision: dict, settings: RecipeSettings, pru
 
 
 def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSettings, stage_dir: Path, fingerprint: dict,
-                     log, dataset_name: str = "the validation split") -> tuple[dict, dict]:
+                     log, dataset_name: str = "the validation split", stock_name: str | None = None) -> tuple[dict, dict]:
     """Stage 5: `calibration.calibrate` (the sweep's code) on the validation data against the stage-1 model, with
     `max_drop`; the report saved as `stage_dir/calibration.json`, then the marker. Returns (report, info)."""
     from .calibration import add_cross_validation, calibrate, resolution_note, save_report
@@ -1128,6 +1128,8 @@ def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSetting
         keep_correct=settings.calibration_folds > 0, seed=settings.seed, dataset_name=dataset_name,
         log=lambda line: log(f"{tag} {line}"),
     )
+    if stock_name:
+        report["stock"]["model"] = stock_name  # as `sweep` records it: the stage-1 model train recorded
     if settings.calibration_folds:
         add_cross_validation(report, settings.calibration_folds, seed=settings.seed, log=lambda line: log(f"{tag} {line}"))
     if is_main_process():
@@ -1465,7 +1467,7 @@ def train_magic_pyramid(
         calibration_data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         names = [name for name, part in (("the validation split", eval_data), (f"{len(holdout_data or [])} training rows held out", holdout_data)) if part is not None]
         report, info = _run_calibration(final, load_stock(), calibration_data, tokenizer, settings, stage5, records[4], log,
-                                        dataset_name=" + ".join(names))
+                                        dataset_name=" + ".join(names), stock_name=str(summary["stock_model"]))
     elif info["status"] != "skipped":
         from .calibration import load_calibration
 
