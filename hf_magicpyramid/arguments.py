@@ -30,6 +30,8 @@ from .configuration_magic_pyramid import (
 from .quantization import QUANTIZATION_METHODS
 
 DEFAULT_MAX_LENGTH = 128
+PRUNING_DECISIONS = ("auto", "on", "off")
+EXIT_TEACHERS = ("final_exit", "every_exit")
 # MagicPyramidConfig fields (the backbone and the labels come from the backbone and the data, never from settings).
 CONFIG_FIELDS = tuple(name for name in MagicPyramidConfig.__annotations__ if name != "backbone_config")
 
@@ -123,6 +125,10 @@ class RecipeSettings:
     exit_objective: Literal[EXIT_OBJECTIVES] = _arg(
         "self_distillation", "How the exits learn: self_distillation (from the final head, backbone frozen), two_stage "
         "(from the labels, backbone frozen) or joint (with the backbone, depth-weighted).")
+    exit_teacher: Literal[EXIT_TEACHERS] = _arg(
+        "final_exit", "exit_objective=joint only: what the stage-1 model teaches (weight distillation_alpha) while the "
+        "exits train with the backbone. final_exit: the final exit only; every_exit: every exit, depth-weighted like "
+        "the joint loss (Σ layer_k · soft-CE_k / Σ layer_k), which also holds the final exit's accuracy.")
     exit_pooling: Literal[EXIT_POOLINGS] | None = _arg(
         None, "What an exit reads: cls (the first token) or mean (of the kept tokens). Default: mean for "
         "sentence-embedding checkpoints, else cls.")
@@ -145,6 +151,34 @@ class RecipeSettings:
         help="More MagicPyramidConfig fields, as a JSON object, e.g. '{\"exit_layers\": [2, 4, 6], "
         "\"distillation_temperature\": 1.0}' (distillation_temperature is the exits' self-distillation temperature).",
         default_factory=dict)
+    # The rule and its numbers live in training.py (PRUNING_FLOOR_TOKENS, pruning_length_check); this text states them.
+    pruning: Literal[PRUNING_DECISIONS] = _arg(
+        "auto", "Whether the trained token pruning (--token_pruning topk or threshold) is kept in the saved model. auto: "
+        "only where it pays, by two checks. (1) Lengths: the schedule's expected time saving at batch 1 on the "
+        "training texts must reach one layer's share of the forward (1/num_layers: 0.167 for 6 layers), what the exits "
+        "save by leaving one layer earlier at no cost to the backbone. A layer is costed as its tokens plus 36 (its "
+        "fixed cost at batch 1: BENCHMARKS.md measured 3.3 ms + 0.094 ms per token for a bert-base layer on CPU), so the "
+        "1.0->0.5 pyramid saves about 0.10 on 29-token snippets and 0.23 on 512-token reviews (threshold pruning: "
+        "checked after stage 3 on the tokens it kept on validation). (2) Accuracy: after the pruned fine-tune (stage "
+        "3) its validation accuracy must be within --max_drop of stage 1's. Where either fails, the exits train on the "
+        "unpruned stage-1 backbone and the saved model has token_pruning none. on: always kept; off: never (stages 2-3 "
+        "skipped). The decision and its numbers go to training_summary.json.")
+    max_drop: float = _arg(
+        0.5, "Accuracy points below the stage-1 fine-tuned model that the saved default speed may lose on validation "
+        "(the calibration stage stores the fastest setting within it, the most accurate one when none is), and that "
+        "pruning may cost (--pruning auto).")
+    calibrate: bool = _arg(
+        True, "Last stage: calibrate the speed on the validation split (the sweep, with --max_drop) and save the chosen "
+        "setting as the model's default. --calibrate false skips it: the saved default is then the exact model (no "
+        "early exit, no pruning).")
+    calibration_folds: int = _arg(
+        0, "With 2 or more: also estimate the calibrated setting's drop without selection bias, by K-fold "
+        "cross-validation of the choice on the validation split (choose on K-1 folds, score on the held-out one); "
+        "reported beside the chosen point. Worth it when the validation set is too small to resolve --max_drop. 0: off.")
+    calibration_holdout: float = _arg(
+        0.0, "A share of the training rows, in [0, 0.5), set aside (seeded) before any training and added to the "
+        "validation data of the calibration stage: more samples to resolve --max_drop when the validation set is small "
+        "(or calibration at all without one). The model trains on the rest. 0: none.")
 
     def __post_init__(self):
         for name in ("max_length", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "save_steps",
@@ -163,6 +197,13 @@ class RecipeSettings:
         check_choice("exit_objective", self.exit_objective, EXIT_OBJECTIVES)
         check_choice("exit_pooling", self.exit_pooling, EXIT_POOLINGS, optional=True)
         check_choice("exit_criterion", self.exit_criterion, EXIT_CRITERIA)
+        check_choice("pruning", self.pruning, PRUNING_DECISIONS)
+        check_choice("exit_teacher", self.exit_teacher, EXIT_TEACHERS)
+        check_between("calibration_holdout", self.calibration_holdout, 0.0, 0.5, high_open=True)
+        if not _is_number(self.max_drop):
+            raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
+        if isinstance(self.calibration_folds, bool) or not isinstance(self.calibration_folds, int) or self.calibration_folds in (1,) or self.calibration_folds < 0:
+            raise ValueError(f"calibration_folds={self.calibration_folds!r} is out of range: it must be 0 (off) or an integer >= 2.")
         if self.keep_ratios is not None:
             self.keep_ratios = check_keep_ratio_values(self.keep_ratios)
         self.pyramid_options = parse_pyramid_options(self.pyramid_options)
@@ -276,9 +317,14 @@ class SweepArguments:
         None, "Calibrate the model quantized this way (int8: dynamic int8 Linear layers, CPU), against the fp32 stock "
         "model. Writes calibration_int8.json / .png; with --max_drop its default speed is stored there (applied by "
         "hf_magicpyramid.load_quantized), config.json keeps the fp32 default.")
+    calibration_folds: int = _arg(
+        0, "With --max_drop and 2 or more: also estimate the chosen setting's drop without selection bias, by K-fold "
+        "cross-validation of the choice (choose on K-1 folds, score on the held-out one). 0: off.")
 
     def __post_init__(self):
         check_choice("quantize", self.quantize, QUANTIZATION_METHODS, optional=True)
+        if isinstance(self.calibration_folds, bool) or not isinstance(self.calibration_folds, int) or self.calibration_folds in (1,) or self.calibration_folds < 0:
+            raise ValueError(f"calibration_folds={self.calibration_folds!r} is out of range: it must be 0 (off) or an integer >= 2.")
         if self.max_drop is not None and not _is_number(self.max_drop):
             raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
         check_count("max_length", self.max_length)

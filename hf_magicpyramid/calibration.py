@@ -253,6 +253,64 @@ def choose_point(points: list[dict], reference_accuracy: float, max_drop: float)
     return max(points, key=lambda p: (p["accuracy"], -p["flops_ratio"])), False
 
 
+def cross_validated_choice(points: list[dict], reference_correct, max_drop: float, folds: int, seed: int = 42) -> dict:
+    """An estimate, free of selection bias, of how far below the reference the setting that `choose_point` picks lands.
+
+    The samples are split into `folds` seeded folds; for each fold the setting is chosen (`choose_point`, the sweep's
+    rule) from the accuracies on the other folds, then scored on the held-out fold. Every sample is held out once, so
+    the held-out answers of the chosen settings pair with the reference's over all samples: their `paired_difference`
+    is the estimate (points, negative = less accurate) with its 95% half-width. The setting stored as the default is
+    still the one chosen on all samples; this says how much to trust its measured drop.
+
+    points: each with "setting", "flops_ratio" and "_correct" (per-sample 0/1, as `calibrate(keep_correct=True)` gives).
+    reference_correct: the reference's per-sample 0/1, same order. Returns {"folds", "difference",
+    "difference_interval", "budget_met_folds" (folds whose choice met the budget on their choosing folds), "per_fold":
+    [{"setting", "num_samples", "difference", "budget_met"}]}.
+    """
+    reference = torch.as_tensor(reference_correct, dtype=torch.float64)
+    num_samples = reference.numel()
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= num_samples:
+        raise ValueError(f"folds={folds!r} is out of range: cross-validation needs an integer in [2, {num_samples}] (the samples).")
+    if not points or any("_correct" not in p or len(p["_correct"]) != num_samples for p in points):
+        raise ValueError(f"cross_validated_choice needs every point's per-sample '_correct' ({num_samples} entries): "
+                         "calibrate with keep_correct=True.")
+    correct = torch.stack([torch.as_tensor(p["_correct"], dtype=torch.float64) for p in points])  # (points, samples)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    fold_of = torch.empty(num_samples, dtype=torch.long)
+    fold_of[order] = torch.arange(num_samples) % folds
+    held_out = torch.empty(num_samples, dtype=torch.float64)
+    per_fold = []
+    for fold in range(folds):
+        test = fold_of == fold
+        train = ~test
+        candidates = [
+            {"setting": p["setting"], "flops_ratio": p["flops_ratio"], "accuracy": round(float(correct[i, train].mean() * 100), 3), "index": i}
+            for i, p in enumerate(points)
+        ]
+        chosen, met = choose_point(candidates, float(reference[train].mean() * 100), max_drop)
+        held_out[test] = correct[chosen["index"], test]
+        difference, _ = paired_difference(correct[chosen["index"], test], reference[test])
+        per_fold.append({"setting": chosen["setting"], "num_samples": int(test.sum()), "difference": round(difference, 3), "budget_met": met})
+    difference, half_width = paired_difference(held_out, reference)
+    return {
+        "folds": folds,
+        "difference": round(difference, 3),
+        "difference_interval": round(half_width, 3),
+        "budget_met_folds": sum(f["budget_met"] for f in per_fold),
+        "per_fold": per_fold,
+    }
+
+
+def describe_cross_validation(result: dict, max_drop: float) -> str:
+    """One line for a `cross_validated_choice` result."""
+    return (
+        f"cross-validated ({result['folds']} folds, choose on {result['folds'] - 1}, score on the held-out one): the "
+        f"chosen setting lands {result['difference']:+.2f} ± {result['difference_interval']:.2f} points from the "
+        f"reference on held-out samples (budget -{max_drop}; met on the choosing folds in "
+        f"{result['budget_met_folds']} of {result['folds']})."
+    )
+
+
 def best_within(report: dict, max_drop: float, early_exit: bool | None = None, pruning: bool | None = None) -> dict | None:
     """The lowest-FLOPs point within `max_drop` points of the report's reference accuracy (the rule of `choose_point`),
     optionally restricted to points with (or without) early exit / pruning. None when no point qualifies."""
@@ -668,6 +726,8 @@ def format_table(report: dict, limit: int | None = None) -> str:
             )
         else:
             lines.append(f"* chosen: the setting with the fewest FLOPs within {budget}.")
+    if report.get("cross_validation"):
+        lines.append(describe_cross_validation(report["cross_validation"], report["max_drop"]))
     return "\n".join(lines)
 
 
@@ -729,12 +789,14 @@ def calibrate_folder(
     max_drop: float | None = None,
     report_dir=None,
     quantize: str | None = None,
+    folds: int = 0,
     log=print,
     **calibrate_kwargs,
 ) -> dict:
     """Load a saved model (and its tokenizer), `calibrate`, write `calibration.json`, with `max_drop` store the chosen
     speed in `config.json` (nothing else in `model_dir` is written), then draw `calibration.png` (skipped with a note
-    when matplotlib is not installed: the results are stored first).
+    when matplotlib is not installed: the results are stored first). With `max_drop` and `folds` >= 2, the report also
+    holds the cross-validated estimate of the chosen setting's drop (`cross_validated_choice`) as "cross_validation".
 
     `quantize="int8"` calibrates the int8 model (`quantization.quantize_model`; int8 moves the exits' confidences) against
     the fp32 stock model, and writes `calibration_int8.json` / `calibration_int8.png`; with `max_drop` its chosen speed
@@ -751,9 +813,13 @@ def calibrate_folder(
         if stock is None:  # the fp32 reference, not the quantized backbone calibrate would copy
             stock = copy.deepcopy(model.backbone)
         model = quantize_model(model, quantize)
-    report = calibrate(model, dataset, tokenizer, stock_model=stock, max_drop=max_drop, log=log, **calibrate_kwargs)
+    keep_correct = calibrate_kwargs.pop("keep_correct", False) or bool(folds)
+    report = calibrate(model, dataset, tokenizer, stock_model=stock, max_drop=max_drop, log=log, keep_correct=keep_correct,
+                       **calibrate_kwargs)
     if quantize:
         report["quantization"] = quantize
+    if folds and max_drop is not None:
+        add_cross_validation(report, folds, log=log)
     if stock_path:
         report["stock"]["model"] = str(stock_path)
     report_dir = Path(report_dir) if report_dir else model_dir
@@ -767,14 +833,9 @@ def calibrate_folder(
                 f"setting measured instead: {_describe_setting(chosen['setting'])} at {chosen['accuracy']:.2f}% "
                 f"({chosen['accuracy'] - report['reference_accuracy']:+.2f} points), FLOPs ratio {chosen['flops_ratio']:.3f}."
             )
-        interval = chosen.get("difference_interval")
-        if interval is not None and max_drop > 0 and interval > max_drop:
-            needed = samples_to_resolve(interval, report["num_samples"], max_drop)
-            log(
-                f"NOTE: on {report['num_samples']} samples the chosen setting's difference to the reference is "
-                f"{chosen['difference']:+.2f} ± {interval:.2f} points (paired 95%), wider than the {max_drop}-point budget: "
-                f"this validation set cannot tell whether the budget holds. About {needed} samples would resolve it."
-            )
+        note = resolution_note(report)
+        if note:
+            log(note)
         if quantize:
             log(f"Stored the {quantize} model's default speed {chosen['setting']} in "
                 f"{report_dir / calibration_file(quantize)} (config.json, the fp32 default, is unchanged; "
@@ -787,6 +848,34 @@ def calibrate_folder(
         log(f"Stored the default speed {chosen['setting']} in {model_dir / 'config.json'}")
     plot_or_skip(report, report_dir, log=log)
     return report
+
+
+def resolution_note(report: dict) -> str | None:
+    """A NOTE when the chosen point's paired interval is wider than the budget (the validation set cannot tell whether
+    the budget holds), with about how many samples would resolve it; None otherwise."""
+    chosen, max_drop = report.get("chosen"), report.get("max_drop")
+    interval = (chosen or {}).get("difference_interval")
+    if interval is None or max_drop is None or max_drop <= 0 or interval <= max_drop:
+        return None
+    needed = samples_to_resolve(interval, report["num_samples"], max_drop)
+    hint = "" if report.get("cross_validation") else (
+        " Cross-validated calibration (--calibration_folds 5) estimates the chosen setting's drop without selection bias."
+    )
+    return (
+        f"NOTE: on {report['num_samples']} samples the chosen setting's difference to the reference is "
+        f"{chosen['difference']:+.2f} ± {interval:.2f} points (paired 95%), wider than the {max_drop}-point budget: "
+        f"this validation set cannot tell whether the budget holds. About {needed} samples would resolve it.{hint}"
+    )
+
+
+def add_cross_validation(report: dict, folds: int, seed: int = 42, log=print) -> dict:
+    """Add "cross_validation" (`cross_validated_choice` over the report's points, which need "_correct") to a report
+    calibrated with `max_drop`, refresh its table, log the line. Returns the result."""
+    result = cross_validated_choice(report["points"], report["stock"]["_correct"], report["max_drop"], folds, seed)
+    report["cross_validation"] = result
+    report["table"] = format_table(report)
+    log(describe_cross_validation(result, report["max_drop"]))
+    return result
 
 
 def save_report(report: dict, directory) -> Path:
@@ -849,6 +938,9 @@ def _device_description() -> str:
 
 __all__ = [
     "paired_difference",
+    "cross_validated_choice",
+    "add_cross_validation",
+    "resolution_note",
     "samples_to_resolve",
     "CALIBRATION_JSON",
     "CALIBRATION_PNG",

@@ -60,7 +60,8 @@ TRAIN_EPILOG = f"""examples:
   {PROG} train --preset bert-base-uncased --dataset rotten_tomatoes --output_dir out/rt --num_train_epochs 2
 
 Each stage runs in a subfolder of --output_dir; rerun the same command after an interruption to resume.
-Then calibrate the speed: {PROG} sweep --model_name_or_path out/mine --validation_file dev.csv --max_drop 0.5"""
+The last stage calibrates the speed on the validation data (--max_drop 0.5) and saves the chosen setting as the default;
+to recalibrate later: {PROG} sweep --model_name_or_path out/mine --validation_file dev.csv --max_drop 1"""
 
 SWEEP_EPILOG = f"""examples:
   {PROG} sweep --model_name_or_path out/mine --validation_file dev.csv --max_drop 0.5
@@ -89,8 +90,10 @@ COMMANDS = {
     "train": (
         (TrainRunArguments, DataArguments, RecipeSettings),
         "Train a Magic Pyramid classifier: fine-tune, learn the pruning, fine-tune pruned, train the exits.",
-        "Trains in resumable stages, each in a subfolder of --output_dir; the final model and tokenizer are saved at "
-        "its root, at the exact speed (no early exit, no pruning) until `sweep` chooses one.",
+        "Trains in resumable stages, each in a subfolder of --output_dir, keeping token pruning only where it pays "
+        "(--pruning), and ends by calibrating the speed on the validation data: the final model and tokenizer are saved "
+        "at its root with the fastest setting within --max_drop points of the stage-1 fine-tune as the default "
+        "(--calibrate false: the exact model, no early exit and no pruning).",
         TRAIN_EPILOG,
     ),
     "sweep": (
@@ -242,7 +245,7 @@ def run_train(run: TrainRunArguments, data: DataArguments, settings: RecipeSetti
         **{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)},
         **extra,
     )
-    print(json.dumps({k: summary.get(k) for k in ("final_model", "eval_accuracy", "stock_model")}, indent=2))
+    print(json.dumps({k: summary.get(k) for k in ("final_model", "eval_accuracy", "stock_model", "default_speed")}, indent=2))
     return 0
 
 
@@ -265,6 +268,7 @@ def run_sweep(sweep: SweepArguments, data: EvalDataArguments) -> int:
         report_dir=sweep.report_dir,
         quantize=sweep.quantize,
         dataset_name=f"{data.dataset or data.validation_file} (validation)",
+        folds=sweep.calibration_folds,
     )
     print(result["table"])
     if result.get("chosen"):

@@ -15,6 +15,7 @@ from .adapters import check_supported, driver_for
 
 EXIT_CRITERIA = ("entropy", "confidence", "patience")
 EXIT_POOLINGS = ("cls", "mean")
+EXIT_HEADS = ("full", "light")
 EXIT_OBJECTIVES = ("joint", "two_stage", "self_distillation")
 TOKEN_PRUNING_MODES = ("none", "topk", "threshold")
 TOKEN_IMPORTANCE_MODES = ("cls_attention", "mean_attention")
@@ -43,6 +44,10 @@ class MagicPyramidConfig(PreTrainedConfig):
         exit_pooling (`str`, defaults to `"cls"`):
             How an intermediate exit pools the sequence: `"cls"` (first token) or `"mean"` (over the real, kept tokens).
             The final exit pools as the stock head does.
+        exit_head (`str`, defaults to `"full"`):
+            The intermediate exits' classifier. `"full"`: pool → LayerNorm → dense → tanh → dropout → linear (a
+            hidden × hidden dense layer per exit). `"light"`: pool → LayerNorm → dropout → linear, about
+            num_labels / hidden of the full head's cost.
         exit_criterion (`str`, defaults to `"entropy"`):
             When a sample leaves early. `"entropy"`: the entropy of the exit's distribution, divided by log(num_labels),
             is below `exit_threshold`. `"confidence"`: the largest probability is above `exit_threshold`. `"patience"`:
@@ -106,6 +111,7 @@ class MagicPyramidConfig(PreTrainedConfig):
     backbone_config: PreTrainedConfig | dict | None = None
     exit_layers: list[int] | None = None
     exit_pooling: str = "cls"
+    exit_head: str = "full"
     exit_criterion: str = "entropy"
     exit_threshold: float | None = None
     patience: int | None = None
@@ -200,6 +206,7 @@ class MagicPyramidConfig(PreTrainedConfig):
         check_supported(self.backbone_config.model_type)
         num_layers = self.num_hidden_layers
         _check_choice("exit_pooling", self.exit_pooling, EXIT_POOLINGS)
+        _check_choice("exit_head", self.exit_head, EXIT_HEADS)
         _check_choice("exit_criterion", self.exit_criterion, EXIT_CRITERIA)
         _check_choice("exit_objective", self.exit_objective, EXIT_OBJECTIVES)
         _check_choice("token_pruning", self.token_pruning, TOKEN_PRUNING_MODES)

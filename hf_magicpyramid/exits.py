@@ -43,6 +43,31 @@ class ExitHead(nn.Module):
         return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
 
 
+class LightExitHead(nn.Module):
+    """A light intermediate exit: pool → LayerNorm → dropout → linear (no hidden × hidden dense layer)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, pooling: str, dropout: float, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        self.pooling = pooling
+        self.norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(batch, seq_len, hidden), (batch, seq_len) → logits (batch, num_labels)."""
+        return self.classifier(self.dropout(self.norm(pool(hidden, attention_mask, self.pooling))))
+
+
+EXIT_HEAD_CLASSES = {"full": ExitHead, "light": LightExitHead}
+
+
+def make_exit_head(kind: str, hidden_size: int, num_labels: int, pooling: str, dropout: float, layer_norm_eps: float = 1e-12) -> nn.Module:
+    """The exit head of `kind` ("full": `ExitHead`, "light": `LightExitHead`, the config's `exit_head`)."""
+    if kind not in EXIT_HEAD_CLASSES:
+        raise ValueError(f"exit_head={kind!r} is not supported; choose one of {', '.join(repr(k) for k in EXIT_HEAD_CLASSES)}.")
+    return EXIT_HEAD_CLASSES[kind](hidden_size, num_labels, pooling, dropout, layer_norm_eps)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Criteria: which samples leave at this exit
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,4 +224,4 @@ def exit_objective_loss(
     return torch.stack([distillation_loss(logits, final, temperature, problem_type) for logits in intermediate]).mean()
 
 
-__all__ = ["ExitHead", "exit_decision", "normalized_entropy", "exit_objective_loss", "task_loss"]
+__all__ = ["ExitHead", "LightExitHead", "make_exit_head", "exit_decision", "normalized_entropy", "exit_objective_loss", "task_loss"]

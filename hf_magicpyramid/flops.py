@@ -199,7 +199,8 @@ def _profile(model: nn.Module, full_width: bool = False) -> _Profile:
     exit_heads = {}
     if pyramid is not None and hasattr(pyramid, "exits"):
         for key, head in pyramid.exits.items():
-            exit_heads[int(key)] = exit_head_flops(head.dense.in_features, head.classifier.out_features)
+            # Every Linear of the head (the full head's dense + classifier, the light head's classifier alone).
+            exit_heads[int(key)] = sum(linear_flops(m.in_features, m.out_features) for m in head.modules() if isinstance(m, nn.Linear))
     return _Profile(
         driver=driver,
         embedding_projections=_embedding_projections(driver, base),

@@ -29,7 +29,7 @@ from .adapters import ADAPTERS, check_supported, driver_for
 from .configuration_magic_pyramid import MagicPyramidConfig, check_pruning_knobs, check_speed
 from .flops import sample_flops
 from .exits import (
-    ExitHead,
+    make_exit_head,
     PatienceState,
     exit_decision,
     exit_objective_loss,
@@ -617,7 +617,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
         # One head per intermediate exit; keys are 1-based layer numbers as strings (nn.ModuleDict needs str keys).
         self.exits = nn.ModuleDict(
             {
-                str(layer): ExitHead(config.hidden_size, config.num_labels, config.exit_pooling, dropout, eps)
+                str(layer): make_exit_head(config.exit_head, config.hidden_size, config.num_labels, config.exit_pooling, dropout, eps)
                 for layer in self.exit_layers[:-1]
             }
         )

@@ -15,8 +15,18 @@
   4. `stage4_exits`: train the exits. Two-stage objectives (`"self_distillation"`, the default, and `"two_stage"`)
      freeze the backbone and its head (bit-identical) and train only the exit heads. `"joint"` trains every exit with the
      backbone in stage 3 already, so stage 4 is skipped.
+  5. `stage5_calibrate`: the sweep (`calibration.calibrate`) on the validation data against the stage-1 model, with
+     `max_drop`: the chosen setting becomes the saved default, and `calibration.json` lies beside the model. Skipped
+     with `calibrate=False` or without calibration data (validation, or `calibration_holdout` rows held out of
+     training): the saved default is then the exact model.
 
-  Each stage's progress bars and log lines carry its name ("stage 3/4: pruned fine-tune"); transformers' load report is
+  Pruning only where it pays (`pruning="auto"`): before stage 2 the top-k schedule's expected time saving on the
+  training texts' lengths (`pruning_length_check`) must reach one layer's share of the forward; after stage 3 the pruned
+  model's validation accuracy must be within `max_drop` of stage 1's. Where either fails, stages 2-3 are skipped (or
+  their result set aside), stage 4 trains the exits on the stage-1 backbone, and the saved model has
+  `token_pruning="none"`. The decision and its numbers are logged and saved in the summary (`pruning_decision`).
+
+  Each stage's progress bars and log lines carry its name ("stage 3/5: pruned fine-tune"); transformers' load report is
   shown only for what a stage does not expect (stage 1's new classification head is expected).
 
   Before any training, the final model's config is built (a bad option fails in the first seconds) and each stage's
@@ -48,6 +58,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from torch import nn
@@ -72,9 +83,14 @@ from .data import infer_labels, load_named_dataset, load_text_files, prepare_dat
 from .exits import task_loss
 from .modeling_magic_pyramid import MagicPyramidForSequenceClassification
 
-STAGE_FOLDERS = ("stage1_finetune", "stage2_learn_pruning", "stage3_pruned_finetune", "stage4_exits")
-# What each stage does, in the words of its progress bars and log lines ("stage 3/4: pruned fine-tune").
-STAGE_TITLES = ("fine-tune", "learn pruning", "pruned fine-tune", "train exits")
+STAGE_FOLDERS = ("stage1_finetune", "stage2_learn_pruning", "stage3_pruned_finetune", "stage4_exits", "stage5_calibrate")
+# What each stage does, in the words of its progress bars and log lines ("stage 3/5: pruned fine-tune").
+STAGE_TITLES = ("fine-tune", "learn pruning", "pruned fine-tune", "train exits", "calibrate")
+# The fixed cost of one encoder layer at batch 1, in tokens' worth of its per-token cost: a least-squares line through
+# BENCHMARKS.md's "a stock layer's cost by tokens per sample" (bert-base, CPU, 1 thread, 16-128 tokens) is
+# 3.3 ms + 0.094 ms per token, and 3.3 / 0.094 ≈ 36. Below about that many tokens a layer costs mostly its weights'
+# memory traffic, so removing tokens saves little time (`pruning_length_check`).
+PRUNING_FLOOR_TOKENS = 36
 STAGE_MARKER = "stage.json"
 SUMMARY_FILE = "training_summary.json"
 # Files that mark a sentence-transformers checkpoint: its intermediate [CLS] states carry no information (BRIEF §5),
@@ -204,6 +220,9 @@ class MagicPyramidTrainer(Trainer):
             `torch.no_grad()` in eval mode and is a plain attribute: not wrapped by DDP, not saved in checkpoints.
             Used only while the final head is trained (stage 1 of a two-stage objective, or `"joint"`).
         distillation_alpha (`float`, defaults to 0.5), distillation_temperature (`float`, defaults to 2.0).
+        distill_every_exit (`bool`, defaults to `False`): for `exit_objective="joint"`, every exit learns from the
+            teacher, not only the final one: the distillation term is Σ_k layer_k · soft-CE(exit_k, teacher) / Σ_k layer_k
+            (depth-weighted like the joint task loss), weighted `distillation_alpha` against the joint task loss.
         freeze (`str`, defaults to `"none"`): `"backbone"` freezes the stock backbone and its head (and LTP's thresholds)
             and runs it in eval mode (no dropout): only the exit heads learn (stage 2 of the two-stage objectives);
             `"exits"` freezes the exit heads (stage 1: they get no gradient and DDP must not wait for them).
@@ -223,6 +242,7 @@ class MagicPyramidTrainer(Trainer):
         teacher: nn.Module | None = None,
         distillation_alpha: float = 0.5,
         distillation_temperature: float = 2.0,
+        distill_every_exit: bool = False,
         freeze: str = "none",
         threshold_learning_rate: float | None = None,
         progress_description: str | None = None,
@@ -250,6 +270,7 @@ class MagicPyramidTrainer(Trainer):
         self.freeze = freeze
         self.distillation_alpha = distillation_alpha
         self.distillation_temperature = distillation_temperature
+        self.distill_every_exit = distill_every_exit
         self.threshold_learning_rate = threshold_learning_rate
         # Our loss is a per-batch mean: the Trainer must divide it by the accumulation steps (the model sets
         # accepts_loss_kwargs = False, and this says so explicitly for the teacher term too).
@@ -292,7 +313,14 @@ class MagicPyramidTrainer(Trainer):
                 teacher_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
                 teacher_logits = self.teacher(**teacher_inputs).logits
             final_logits = outputs.exit_logits[-1] if pyramid else outputs.logits
-            distill = soft_cross_entropy(final_logits, teacher_logits, self.distillation_temperature)
+            if pyramid and self.distill_every_exit and unwrapped.config.exit_objective == "joint":
+                weights = [float(layer) for layer in unwrapped.exit_layers]
+                distill = sum(
+                    weight * soft_cross_entropy(logits, teacher_logits, self.distillation_temperature)
+                    for weight, logits in zip(weights, outputs.exit_logits)
+                ) / sum(weights)
+            else:
+                distill = soft_cross_entropy(final_logits, teacher_logits, self.distillation_temperature)
             penalty = 0.0
             if pyramid and outputs.pruning_loss is not None:
                 penalty = unwrapped.config.pruning_penalty * outputs.pruning_loss
@@ -375,6 +403,96 @@ def accuracy_metrics(eval_prediction) -> dict[str, float]:
         logits = logits[0]
     labels = eval_prediction.label_ids
     return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Whether token pruning pays: by the lengths of the texts, and by validation accuracy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def topk_kept_tokens(lengths, keep_ratios: list[float], min_kept: int = 1) -> torch.Tensor:
+    """Tokens each layer runs on under a top-k schedule: (num_samples, num_layers) from per-sample real lengths
+    (num_samples,), as the model counts them (`pruning.topk_counts`, never more than the sample has)."""
+    from .pruning import topk_counts
+
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    return torch.stack([torch.minimum(topk_counts(lengths, ratio, min_kept), lengths) for ratio in keep_ratios], dim=1)
+
+
+def pruning_length_check(lengths, kept_tokens, floor_tokens: int = PRUNING_FLOOR_TOKENS) -> dict:
+    """Whether a pruning schedule saves enough time on these inputs to earn its place.
+
+    lengths (num_samples,): real tokens per sample; kept_tokens (num_samples, num_layers): tokens each layer runs on.
+    The principle: early exits already save one layer's share of the forward (1 / num_layers) each time a sample
+    leaves one layer earlier, at any length and without touching the backbone; pruning, which fine-tunes the backbone
+    for a schedule and can cost accuracy, must save at least that much. A layer's time at batch 1 is costed as its
+    tokens plus `floor_tokens` (its fixed cost, see `PRUNING_FLOOR_TOKENS`), so the expected saving is
+    Σ (length − kept) / Σ (length + floor) over samples and layers. At batch 32 a layer is compute-bound and the saving
+    is close to the token-layer saving (`token_layer_saving`, also returned): batch 1 is the conservative case.
+    """
+    lengths = torch.as_tensor(lengths, dtype=torch.float64)
+    kept = torch.as_tensor(kept_tokens, dtype=torch.float64)
+    num_layers = kept.shape[1]
+    full = lengths[:, None].expand_as(kept)
+    token_layer_saving = float(1 - kept.sum() / full.sum().clamp(min=1))
+    time_saving = float((full - kept).sum() / (full + floor_tokens).sum().clamp(min=1))
+    required = 1.0 / num_layers
+    return {
+        "samples": int(lengths.numel()),
+        "mean_tokens": round(float(lengths.mean()), 1),
+        "median_tokens": round(float(lengths.median()), 1),
+        "token_layer_saving": round(token_layer_saving, 4),
+        "batch1_time_saving": round(time_saving, 4),
+        "required_saving": round(required, 4),
+        "floor_tokens": floor_tokens,
+        "passed": time_saving >= required,
+    }
+
+
+def _describe_length_check(check: dict, where: str) -> str:
+    verdict = "pays" if check["passed"] else "does not pay"
+    return (
+        f"pruning {verdict} on {where} ({check['samples']} texts, mean {check['mean_tokens']} tokens, median "
+        f"{check['median_tokens']}): it skips {check['token_layer_saving']:.1%} of the token-layers, an expected "
+        f"{check['batch1_time_saving']:.1%} of the time at batch 1 (a layer costed as its tokens + {check['floor_tokens']}), "
+        f"against the {check['required_saving']:.1%} that leaving one layer earlier saves"
+    )
+
+
+@torch.inference_mode()
+def validation_answers(model, eval_data, tokenizer, batch_size: int) -> dict:
+    """A classifier's answers on tokenized validation data (`prepare_dataset` output), in order: "correct" (bool,
+    (num_samples,)), "lengths" (real tokens per sample) and, for a Magic Pyramid model, "kept_tokens" ((num_samples,
+    num_layers), the tokens each layer ran on). Single-label classification (argmax)."""
+    from .calibration import _batches
+
+    model.eval()
+    labels = torch.tensor(eval_data["labels"])
+    predictions, lengths, kept = [], [], []
+    for batch in _batches(eval_data, tokenizer, batch_size):
+        output = model(**batch)
+        predictions.append(output.logits.argmax(dim=-1))
+        lengths.append(batch["attention_mask"].sum(dim=1))
+        if getattr(output, "kept_tokens", None) is not None:
+            kept.append(output.kept_tokens)
+    return {
+        "correct": torch.cat(predictions) == labels,
+        "lengths": torch.cat(lengths),
+        "kept_tokens": torch.cat(kept) if kept else None,
+    }
+
+
+def _accuracy_pair(correct, reference_correct) -> dict:
+    """Accuracy of both (percent) and the paired difference with its 95% half-width (`calibration.paired_difference`)."""
+    from .calibration import paired_difference
+
+    difference, half_width = paired_difference(correct, reference_correct)
+    return {
+        "accuracy": round(float(torch.as_tensor(correct, dtype=torch.float64).mean() * 100), 3),
+        "reference_accuracy": round(float(torch.as_tensor(reference_correct, dtype=torch.float64).mean() * 100), 3),
+        "difference": round(difference, 3),
+        "difference_interval": round(half_width, 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -508,7 +626,10 @@ _FIRST_STAGE_OF_SETTING: dict[str, int | None] = {
     "exit_criterion": 2, "pruning_penalty": 2, "keep_ratios": 2, "pyramid_options": 2, "distillation_alpha": 2,
     "teacher_temperature": 2,
     "pruned_finetune_epochs": 3,
-    "exit_epochs": 4, "exit_learning_rate": 4,
+    # pruning, max_drop: the pruning decision (whether stage 4 trains on the pruned or the stage-1 backbone); stages 2-3
+    # run the same whatever they are, or not at all.
+    "exit_epochs": 4, "exit_learning_rate": 4, "pruning": 4, "max_drop": 4, "exit_teacher": 2,
+    "calibrate": 5, "calibration_folds": 5,
 }
 _INPUT_DESCRIPTIONS = {
     "backbone": "the backbone (its config or weights)",
@@ -707,7 +828,7 @@ def _remove_recipe_outputs(output_dir: Path, log) -> None:
         log(f"overwrite_output_dir: removed {', '.join(removed)} from {output_dir}; anything else there is kept")
 
 
-def _save_final(final, tokenizer, summary: dict, output_dir: Path) -> None:
+def _save_final(final, tokenizer, summary: dict, output_dir: Path, report: dict | None = None) -> None:
     """Write the final model, tokenizer and summary at the root so that an interruption never leaves a state a rerun
     trusts: everything goes to a staging folder first (its summary included), then each file is moved into place
     (os.replace: a file is either the old one or the whole new one), the summary last. A root summary therefore always
@@ -718,6 +839,11 @@ def _save_final(final, tokenizer, summary: dict, output_dir: Path) -> None:
             shutil.rmtree(staging)
         final.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
+        if report is not None:  # the calibration stage's result beside the model, as `sweep` leaves it
+            from .calibration import plot_or_skip, save_report
+
+            save_report(report, staging)
+            plot_or_skip(report, staging, log=lambda *_: None)
         summary["root_files"] = sorted(p.name for p in staging.iterdir() if p.is_file())
         _write_json_atomically(staging / SUMMARY_FILE, summary)
         (output_dir / SUMMARY_FILE).unlink(missing_ok=True)  # from here on the root is in between: no summary
@@ -792,6 +918,7 @@ def _run_stage(
     log=print,
     callbacks=None,
     fingerprint: dict | None = None,
+    extra_info: dict | None = None,
 ) -> dict:
     """Record the stage's fingerprint, train it (resuming from its last complete Trainer checkpoint), evaluate, save
     `stage_dir/model`, write the marker, then drop the checkpoints."""
@@ -815,6 +942,7 @@ def _run_stage(
         teacher=teacher if settings.distillation_alpha > 0 else None,
         distillation_alpha=settings.distillation_alpha,
         distillation_temperature=settings.teacher_temperature,
+        distill_every_exit=settings.exit_teacher == "every_exit",
         freeze=freeze,
         threshold_learning_rate=threshold_learning_rate,
         callbacks=callbacks,
@@ -833,6 +961,7 @@ def _run_stage(
         "global_steps": train_output.global_step,
         "eval_accuracy": metrics.get("eval_accuracy"),
         "model": "model",
+        **(extra_info or {}),
     }
     _write_marker(stage_dir, info)  # after the model: a marker always means a whole model
     if is_main_process() and not settings.keep_checkpoints and checkpoints.is_dir():
@@ -921,6 +1050,117 @@ def check_pyramid_config(stock_config, id2label: dict, label2id: dict, pyramid_o
     return config
 
 
+def _pruning_decision_before_training(settings: RecipeSettings, config: MagicPyramidConfig, train_data) -> dict:
+    """The pruning decision as far as it is known before training: "kept" True / False, or None (auto: the accuracy
+    check after stage 3 decides). For "topk" the length check runs now, on the training texts' lengths."""
+    decision: dict[str, Any] = {"mode": settings.pruning, "token_pruning": settings.token_pruning, "kept": None}
+    if settings.token_pruning == "none":
+        return dict(decision, kept=False, reason="token_pruning='none'")
+    if settings.pruning == "off":
+        return dict(decision, kept=False, reason="pruning='off'")
+    if settings.pruning == "on":
+        return dict(decision, kept=True, reason="pruning='on'")
+    if settings.token_pruning == "topk":
+        lengths = [len(ids) for ids in train_data["input_ids"]]
+        kept = topk_kept_tokens(lengths, config.resolved_keep_ratios(), config.min_kept_tokens)
+        decision["length_check"] = pruning_length_check(lengths, kept)
+        if not decision["length_check"]["passed"]:
+            check = decision["length_check"]
+            return dict(decision, kept=False, reason=(
+                f"on the training texts (mean {check['mean_tokens']} tokens) the schedule saves an expected "
+                f"{check['batch1_time_saving']:.1%} of the time at batch 1, less than the {check['required_saving']:.1%} of "
+                "leaving one layer earlier"))
+    return decision
+
+
+def _pruning_decision_after_stage3(decision: dict, settings: RecipeSettings, pruned_dir: Path, eval_data, tokenizer,
+                                   stock_answers, log) -> dict:
+    """auto, after the pruned fine-tune: keep the pruning when its validation accuracy is within `max_drop` points of
+    the stage-1 model's (paired, same samples) and, for learned thresholds, when the tokens they kept on validation
+    pass `pruning_length_check`. Without validation data only the length check (topk: done) decides."""
+    decision = dict(decision)
+    tag = "pruning decision:"
+    if eval_data is None:
+        if settings.token_pruning == "threshold":
+            return dict(decision, kept=True, reason="no validation data: kept without a check (learned thresholds)")
+        return dict(decision, kept=True, reason="no validation data: kept on the length check alone")
+    pruned = MagicPyramidForSequenceClassification.from_pretrained(str(pruned_dir / "model"))
+    pruned_answers = validation_answers(pruned, eval_data, tokenizer, settings.eval_batch_size)
+    if settings.token_pruning == "threshold":
+        check = pruning_length_check(pruned_answers["lengths"], pruned_answers["kept_tokens"])
+        decision["length_check"] = check
+        log(f"{tag} {_describe_length_check(check, 'the validation texts, with the learned thresholds')}")
+    pair = _accuracy_pair(pruned_answers["correct"], stock_answers()["correct"])
+    accuracy_passed = pair["difference"] >= -settings.max_drop - 1e-9
+    decision["validation_check"] = {**pair, "max_drop": settings.max_drop, "num_samples": len(eval_data), "passed": accuracy_passed}
+    log(
+        f"{tag} the pruned fine-tune scores {pair['accuracy']:.2f}% on validation against stage 1's "
+        f"{pair['reference_accuracy']:.2f}% ({pair['difference']:+.2f} ± {pair['difference_interval']:.2f} points, paired "
+        f"95%; budget -{settings.max_drop}): {'kept' if accuracy_passed else 'too costly'}"
+    )
+    if not accuracy_passed:
+        reason = (f"the pruned fine-tune lost {-pair['difference']:.2f} validation points against stage 1, more than "
+                  f"max_drop={settings.max_drop}")
+    elif not decision.get("length_check", {"passed": True})["passed"]:
+        reason = "the learned thresholds keep too many tokens to save more than leaving one layer earlier"
+    else:
+        return dict(decision, kept=True, reason="it pays on these lengths and holds the accuracy")
+    log(f"{tag} no pruning ({reason}): the exits train on the stage-1 backbone, unpruned")
+    return dict(decision, kept=False, reason=reason)
+
+
+def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSettings, stage_dir: Path, fingerprint: dict,
+                     log, dataset_name: str = "the validation split", stock_name: str | None = None) -> tuple[dict, dict]:
+    """Stage 5: `calibration.calibrate` (the sweep's code) on the validation data against the stage-1 model, with
+    `max_drop`; the report saved as `stage_dir/calibration.json`, then the marker. Returns (report, info)."""
+    from .calibration import add_cross_validation, calibrate, resolution_note, save_report
+
+    name = STAGE_FOLDERS[4]
+    if is_main_process():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomically(stage_dir / FINGERPRINT_FILE, fingerprint)
+    barrier()
+    tag = _stage_tag(name)
+    start = time.perf_counter()
+    report = calibrate(
+        final, eval_data, tokenizer, stock_model=stock, max_drop=settings.max_drop, max_length=settings.max_length,
+        batch_size=settings.eval_batch_size, measure="chosen", batch1_samples=min(50, len(eval_data)),
+        keep_correct=settings.calibration_folds > 0, seed=settings.seed, dataset_name=dataset_name,
+        log=lambda line: log(f"{tag} {line}"),
+    )
+    if stock_name:
+        report["stock"]["model"] = stock_name  # as `sweep` records it: the stage-1 model train recorded
+    if settings.calibration_folds:
+        add_cross_validation(report, settings.calibration_folds, seed=settings.seed, log=lambda line: log(f"{tag} {line}"))
+    if is_main_process():
+        save_report(report, stage_dir)
+    chosen = {k: v for k, v in report["chosen"].items() if not k.startswith("_")}
+    info = {
+        "stage": name,
+        "status": "calibrated",
+        "seconds": round(time.perf_counter() - start, 1),
+        "chosen": chosen,
+        "budget_met": report["budget_met"],
+        "max_drop": settings.max_drop,
+        "reference_accuracy": report["reference_accuracy"],
+        "num_samples": report["num_samples"],
+        "dataset": dataset_name,
+        "cross_validation": report.get("cross_validation"),
+        "note": resolution_note(report),
+    }
+    _write_marker(stage_dir, info)
+    log(f"{tag} {report['table']}")
+    if not report["budget_met"]:
+        log(f"{tag} WARNING: no setting is within max_drop={settings.max_drop} points of the stage-1 reference "
+            f"({report['reference_accuracy']:.2f}%): the most accurate setting measured is the default "
+            f"({chosen['accuracy']:.2f}%, {chosen['difference']:+.2f} points).")
+    if info["note"]:
+        log(f"{tag} {info['note']}")
+    log(f"{tag} done in {info['seconds']:.0f}s: default speed {chosen['setting']} ({chosen['accuracy']:.2f}% on validation, "
+        f"{chosen['difference']:+.2f} ± {chosen['difference_interval']:.2f} points vs stage 1, FLOPs ratio {chosen['flops_ratio']:.3f})")
+    return report, info
+
+
 def train_magic_pyramid(
     backbone,
     train_dataset,
@@ -996,13 +1236,17 @@ def train_magic_pyramid(
     if settings.keep_ratios is not None:
         pyramid_options["keep_ratios"] = settings.keep_ratios
     # The whole model configuration is checked now, in the first seconds, not when stage 2 or 3 builds it.
-    check_pyramid_config(stock_config, id2label, label2id, pyramid_options)
+    pyramid_config = check_pyramid_config(stock_config, id2label, label2id, pyramid_options)
 
     common = dict(
         text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
         max_length=settings.max_length, seed=settings.seed,
     )
     train_data = prepare_dataset(train_dataset, tokenizer, label2id, split="train", max_samples=max_train_samples, **common)
+    holdout_data = None
+    if settings.calibration_holdout > 0:  # set aside before any training: the model never sees these rows
+        split = train_data.train_test_split(test_size=settings.calibration_holdout, seed=settings.seed, shuffle=True)
+        train_data, holdout_data = split["train"], split["test"]
     eval_data = None
     if eval_dataset is not None:
         eval_data = prepare_dataset(eval_dataset, tokenizer, label2id, split="validation", max_samples=max_eval_samples, **common)
@@ -1035,6 +1279,7 @@ def train_magic_pyramid(
         "labels": label_names,
         "train_samples": len(train_data),
         "eval_samples": len(eval_data) if eval_data is not None else 0,
+        "calibration_holdout_samples": len(holdout_data) if holdout_data is not None else 0,
         "settings": asdict(settings),
         "pyramid_options": pyramid_options,
         "stages": {},
@@ -1086,12 +1331,21 @@ def train_magic_pyramid(
         return model
 
     joint = settings.exit_objective == "joint"
-    teacher = load_stock() if settings.distillation_alpha > 0 and settings.token_pruning != "none" else None
+    decision = _pruning_decision_before_training(settings, pyramid_config, train_data)
+    if decision.get("length_check"):
+        log(f"pruning decision: {_describe_length_check(decision['length_check'], 'the training texts')}")
+    if decision["kept"] is False and settings.token_pruning != "none":
+        log(f"pruning decision: no pruning ({decision['reason']}): stages 2-3 skipped, the exits train on the stage-1 backbone")
+    prunes = decision["kept"] is not False  # stages 2-3 run
+    teacher = load_stock() if settings.distillation_alpha > 0 and prunes else None
     last_dir: Path | None = None  # the last stage that saved a pyramid
 
     # Stage 2: learn the pruning (LTP soft phase) — threshold pruning only.
     stage2 = stage_dirs[1]
-    skip = None if settings.token_pruning == "threshold" else f"token_pruning={settings.token_pruning!r} has nothing to learn"
+    if settings.token_pruning != "threshold":
+        skip = f"token_pruning={settings.token_pruning!r} has nothing to learn"
+    else:
+        skip = None if prunes else f"no pruning: {decision['reason']}"
     info = _finished_stage(STAGE_FOLDERS[1], stage2, skip, log, settings)
     if info is None:
         _seed_stage(settings, STAGE_FOLDERS[1])
@@ -1110,7 +1364,11 @@ def train_magic_pyramid(
 
     # Stage 3: fine-tune with the pruning fixed (hard).
     stage3 = stage_dirs[2]
-    info = _finished_stage(STAGE_FOLDERS[2], stage3, "token_pruning='none'" if settings.token_pruning == "none" else None, log, settings)
+    if settings.token_pruning == "none":
+        skip = "token_pruning='none'"
+    else:
+        skip = None if prunes else f"no pruning: {decision['reason']}"
+    info = _finished_stage(STAGE_FOLDERS[2], stage3, skip, log, settings)
     if info is None:
         _seed_stage(settings, STAGE_FOLDERS[2])
         model = load_hard_pyramid(last_dir)
@@ -1125,34 +1383,105 @@ def train_magic_pyramid(
     summary["stages"][STAGE_FOLDERS[2]] = info
     del teacher
 
-    # Stage 4: the exits.
+    # The pruning decision, after the pruned fine-tune: does it hold the accuracy (and, for learned thresholds, the
+    # length check on the tokens they kept)? A finished stage 4 recorded the decision it was trained under.
     stage4 = stage_dirs[3]
-    skip = "exit_objective='joint' trained the exits in stage 3" if joint and settings.token_pruning != "none" else None
+    answers: dict[str, dict] = {}  # validation answers, computed once per model
+
+    def stock_answers() -> dict:
+        if "stock" not in answers:
+            answers["stock"] = validation_answers(load_stock(), eval_data, tokenizer, settings.eval_batch_size)
+        return answers["stock"]
+
+    if decision["kept"] is None:
+        recorded = _read_marker(stage4).get("pruning_decision") if _stage_complete(stage4) else None
+        if recorded is not None:
+            decision = recorded
+        else:
+            decision = _pruning_decision_after_stage3(decision, settings, last_dir, eval_data, tokenizer, stock_answers, log)
+    summary["pruning_decision"] = decision
+    kept = decision["kept"]
+    final_options = dict(pyramid_options)
+    if not kept:
+        # No pruning schedule at all in the saved model (not a schedule switched off at run time).
+        final_options["token_pruning"] = "none"
+        for name in ("keep_ratios", "prune_thresholds"):
+            final_options.pop(name, None)
+    summary["final_pyramid_options"] = final_options
+
+    # Stage 4: the exits: on the pruned backbone when pruning is kept, else on the stage-1 backbone, unpruned.
+    skip = "exit_objective='joint' trained the exits in stage 3" if joint and kept else None
     info = _finished_stage(STAGE_FOLDERS[3], stage4, skip, log, settings)
     if info is None:
         _seed_stage(settings, STAGE_FOLDERS[3])
-        model = load_hard_pyramid(last_dir)
+        if kept:
+            model = load_hard_pyramid(last_dir)
+        else:
+            model = MagicPyramidForSequenceClassification.from_backbone(load_stock(), **final_options)
         model.train_stage = 1 if joint else 2
+        # Joint training of the exits with the backbone here (no pruned stage 3 did it): the stage-1 model teaches
+        # every exit when asked (exit_teacher="every_exit"), holding the final exit's accuracy.
+        exit_teacher = load_stock() if joint and settings.exit_teacher == "every_exit" and settings.distillation_alpha > 0 else None
         info = _run_stage(
             STAGE_FOLDERS[3], stage4, model, tokenizer, train_data, eval_data, settings, settings.exit_epochs,
             settings.learning_rate if joint else settings.exit_learning_rate, freeze="none" if joint else "backbone",
-            log=log, callbacks=callbacks, fingerprint=records[3],
+            teacher=exit_teacher, log=log, callbacks=callbacks, fingerprint=records[3],
+            extra_info={"pruning_decision": decision},
         )
+        del exit_teacher
     if info["status"] != "skipped":
         last_dir = stage4
     summary["stages"][STAGE_FOLDERS[3]] = info
 
-    # The final model at the root, at the exact speed (no early exit, no pruning): a schedule that no calibration has
-    # measured on this data is never the saved default. `sweep` (or `set_speed`) chooses the speed.
+    # The final model at its exact speed (no early exit, no pruning), compared with the stage-1 reference on validation.
     final = MagicPyramidForSequenceClassification.from_pretrained(str(last_dir / "model"))
     final.train_stage = 1
     final.set_speed(**exact_speed(final.config))
-    summary["default_speed"] = exact_speed(final.config)
     summary["final_model"] = str(output_dir)
     summary["eval_accuracy"] = summary["stages"][Path(last_dir).name].get("eval_accuracy")
+    if eval_data is not None:
+        exact = validation_answers(final, eval_data, tokenizer, settings.eval_batch_size)
+        pair = _accuracy_pair(exact["correct"], stock_answers()["correct"])
+        summary["reference"] = {"model": summary["stock_model"], "eval_accuracy": pair["reference_accuracy"]}
+        summary["final_exact"] = {
+            "eval_accuracy": pair["accuracy"], "difference": pair["difference"], "difference_interval": pair["difference_interval"],
+        }
+        log(
+            f"validation accuracy ({len(eval_data)} samples): stage-1 reference {pair['reference_accuracy']:.2f}%, final "
+            f"model with everything off {pair['accuracy']:.2f}% ({pair['difference']:+.2f} ± {pair['difference_interval']:.2f} "
+            "points, paired 95%)"
+        )
+
+    # Stage 5: calibrate the speed on validation (the sweep), and store the chosen setting as the default.
+    stage5 = stage_dirs[4]
+    skip = None
+    if not settings.calibrate:
+        skip = "calibrate=False: the saved default is the exact model (no early exit, no pruning)"
+    elif eval_data is None and holdout_data is None:
+        skip = "no validation data: the saved default is the exact model (no early exit, no pruning)"
+    info = _finished_stage(STAGE_FOLDERS[4], stage5, skip, log, settings)
+    report = None
+    if info is None:
+        # The validation data, plus the rows held out of training (calibration_holdout).
+        parts = [part for part in (eval_data, holdout_data) if part is not None]
+        calibration_data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        names = [name for name, part in (("the validation split", eval_data), (f"{len(holdout_data or [])} training rows held out", holdout_data)) if part is not None]
+        report, info = _run_calibration(final, load_stock(), calibration_data, tokenizer, settings, stage5, records[4], log,
+                                        dataset_name=" + ".join(names), stock_name=str(summary["stock_model"]))
+    elif info["status"] != "skipped":
+        from .calibration import load_calibration
+
+        report = load_calibration(stage5)
+    summary["stages"][STAGE_FOLDERS[4]] = info
+    if report is not None:
+        final.set_speed(**report["chosen"]["setting"])
+        summary["calibration"] = {
+            key: info.get(key) for key in ("chosen", "budget_met", "max_drop", "reference_accuracy", "num_samples", "dataset", "cross_validation", "note")
+        }
+    summary["default_speed"] = {knob: getattr(final.config, knob) for knob in exact_speed(final.config)}
     summary["fingerprint"] = fingerprints[-1]
-    _save_final(final, tokenizer, summary, output_dir)
-    log(f"Final model saved to {output_dir}")
+    _save_final(final, tokenizer, summary, output_dir, report=report)
+    log(f"Final model saved to {output_dir} (default speed {summary['default_speed']})")
     return summary
 
 

@@ -377,8 +377,14 @@ def test_save_report_writes_what_load_calibration_reads(tmp_path, tokenizer):
     model = tiny_pyramid("single", exit_criterion="entropy")
     report = calibrate(model, tokenized("single"), tokenizer, batch_size=8, max_drop=1.0, keep_correct=True,
                        measure="chosen", timing_repeats=1, batch1_samples=0, log=lambda *_: None)
+    from hf_magicpyramid.calibration import add_cross_validation
+
+    lines: list[str] = []
+    result = add_cross_validation(report, folds=3, log=lines.append)  # --calibration_folds 3
+    assert lines == [report["table"].splitlines()[-1]] and lines[0].startswith("cross-validated (3 folds")
     save_report(report, tmp_path)
     data = load_calibration(tmp_path)
+    assert data["cross_validation"] == result and sum(f["num_samples"] for f in result["per_fold"]) == report["num_samples"]
     assert "table" not in data and "_correct" not in data["stock"] and all("_correct" not in p for p in data["points"])
     assert data["budget_met"] == report["budget_met"] and data["chosen"]["setting"] == report["chosen"]["setting"]
     assert len(data["points"]) == len(report["points"])
@@ -410,3 +416,40 @@ def test_paired_difference_on_hand_made_predictions():
     assert samples_to_resolve(2.0, 400, 0.5) == 6400
     assert samples_to_resolve(0.3, 400, 0.5) == 400  # already resolved
     assert samples_to_resolve(2.0, 400, 0.0) is None
+
+
+def test_cross_validated_choice_on_hand_made_predictions():
+    from hf_magicpyramid.calibration import cross_validated_choice, describe_cross_validation, paired_difference
+
+    reference = [1] * 10
+    cheap = {"setting": {"exit_threshold": 0.5}, "flops_ratio": 0.3, "_correct": [1] * 8 + [0] * 2}
+    exact = {"setting": {"exit_threshold": None}, "flops_ratio": 1.0, "_correct": [1] * 10}
+    # A budget every fold meets with the cheap setting: each sample is scored once, by the cheap setting, so the
+    # held-out estimate is exactly the cheap setting's paired difference on all samples.
+    result = cross_validated_choice([cheap, exact], reference, max_drop=100.0, folds=5)
+    assert (result["difference"], result["difference_interval"]) == tuple(round(v, 3) for v in paired_difference(cheap["_correct"], reference))
+    assert result["difference"] == -20.0 and result["budget_met_folds"] == 5
+    assert [fold["setting"] for fold in result["per_fold"]] == [cheap["setting"]] * 5
+    assert sum(fold["num_samples"] for fold in result["per_fold"]) == 10
+    # A budget no fold meets: the most accurate setting everywhere (ties: the cheaper). Wrong on 6 of 10, the cheap
+    # setting is wrong somewhere in each half, so exact is chosen in both folds: no drop, no uncertainty.
+    poor = dict(cheap, _correct=[1] * 4 + [0] * 6)
+    result = cross_validated_choice([poor, exact], reference, max_drop=-1.0, folds=2)
+    assert (result["difference"], result["difference_interval"], result["budget_met_folds"]) == (0.0, 0.0, 0)
+    assert "2 folds" in describe_cross_validation(result, -1.0)
+
+    # Selection bias: 30 settings no better than the reference (each right on a random half of 40 samples, like it).
+    # Chosen on all samples, the winner looks within budget; scored on held-out folds, the same rule lands lower.
+    generator = torch.Generator().manual_seed(0)
+    reference = (torch.rand(40, generator=generator) < 0.5).long().tolist()
+    noisy = [{"setting": {"exit_threshold": i / 100}, "flops_ratio": 0.1 + i / 100,
+              "_correct": (torch.rand(40, generator=generator) < 0.5).long().tolist()} for i in range(30)]
+    in_sample = max(paired_difference(p["_correct"], reference)[0] for p in noisy)
+    result = cross_validated_choice(noisy, reference, max_drop=0.0, folds=4)
+    assert in_sample >= 0 > result["difference"]
+    for bad, message in ((1, r"folds=1 is out of range: cross-validation needs an integer in \[2, 40\]"),
+                         (41, r"folds=41 is out of range")):
+        with pytest.raises(ValueError, match=message):
+            cross_validated_choice(noisy, reference, 0.0, bad)
+    with pytest.raises(ValueError, match="keep_correct=True"):
+        cross_validated_choice([{"setting": {}, "flops_ratio": 1.0}], reference, 0.0, 2)

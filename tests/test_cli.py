@@ -178,6 +178,11 @@ BAD_TRAIN = [
     (["--pyramid_options", '{"exit_objective": "joint"}'], "pyramid_options['exit_objective']: exit_objective is a recipe setting of its own; set it as such (--exit_objective), not in pyramid_options."),
     (["--pyramid_options", "exit_layers=2"], "pyramid_options='exit_layers=2' is not valid JSON"),
     (["--preset", "gpt2"], "Unknown preset 'gpt2'. Available presets: "),
+    (["--pruning", "sometimes"], "argument --pruning: invalid choice: 'sometimes' (choose from 'auto', 'on', 'off')"),
+    (["--calibration_folds", "1"], "calibration_folds=1 is out of range: it must be 0 (off) or an integer >= 2."),
+    (["--calibration_holdout", "0.5"], "calibration_holdout=0.5 is out of range: it must be a number in [0.0, 0.5)."),
+    (["--exit_teacher", "stage1"], "argument --exit_teacher/--exit-teacher: invalid choice: 'stage1' (choose from 'final_exit', 'every_exit')"),
+    (["--max_drop", "nan"], "max_drop=nan must be a number of accuracy points, e.g. 0.5."),
 ]
 
 
@@ -211,6 +216,7 @@ def test_keep_ratios_out_of_range_fail_at_parse_time(capsys):
     (["sweep", "--model", "m", *DATA, "--batch_size", "0"], "batch_size=0 is out of range: it must be an integer >= 1."),
     (["sweep", "--model", "m", *DATA, "--max_samples", "0"], "max_samples=0 is out of range: it must be an integer >= 1 (or omitted for all of them)."),
     (["sweep", "--model", "m", *DATA, "--batch1_samples", "-1"], "batch1_samples=-1 is out of range: it must be an integer >= 0."),
+    (["sweep", "--model", "m", *DATA, "--calibration_folds", "1"], "calibration_folds=1 is out of range: it must be 0 (off) or an integer >= 2."),
     (["push", "--model", "m"], "the following arguments are required: --repo_id/--repo-id/--hub_model_id/--hub-model-id"),
     (["train", "--output_dir", "o", *DATA, "--out", "x"], "unrecognized arguments: --out x"),
 ])

@@ -308,3 +308,39 @@ def test_heads_that_cannot_fire_are_not_run_and_flops_say_so():
     assert int(out.flops[3]) == counter.get_total_flops()
     assert len(calls) > 0 and model(input_ids=input_ids, attention_mask=attention_mask).flops is None
     assert bool((fired.flops[fired.exit_layer == 4] > out.flops[fired.exit_layer == 4]).all())  # heads ran, and cost
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The light exit head (issue 12): pool → LayerNorm → dropout → linear
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_light_exit_head_runs_saves_and_counts_its_flops(tmp_path):
+    from hf_magicpyramid.exits import ExitHead, LightExitHead
+    from hf_magicpyramid.flops import linear_flops
+
+    stock, light = stock_and_pyramid("bert", exit_head="light", exit_criterion="entropy", exit_threshold=0.0)
+    _, full = stock_and_pyramid("bert", exit_criterion="entropy", exit_threshold=0.0)
+    assert all(type(head) is LightExitHead for head in light.exits.values())
+    assert all(type(head) is ExitHead for head in full.exits.values())
+    assert not any("dense" in name for name, _ in light.exits.named_parameters())
+    input_ids, attention_mask = padded_batch(LENGTHS)
+    with torch.no_grad():  # exits off: the stock model's logits, whatever the head
+        torch.testing.assert_close(light(input_ids=input_ids, attention_mask=attention_mask).logits,
+                                   stock(input_ids=input_ids, attention_mask=attention_mask).logits, atol=1e-5, rtol=0)
+    # Every sample leaves at layer 1 (normalised entropy < 1): the FLOPs differ by the full head's dense layer alone.
+    with torch.no_grad():
+        light_out = light(input_ids=input_ids, attention_mask=attention_mask, exit_threshold=1.0, output_flops=True)
+        full_out = full(input_ids=input_ids, attention_mask=attention_mask, exit_threshold=1.0, output_flops=True)
+    assert light_out.exit_layer.tolist() == full_out.exit_layer.tolist() == [1] * len(LENGTHS)
+    hidden = light.config.hidden_size
+    assert (full_out.flops - light_out.flops).tolist() == [linear_flops(hidden, hidden)] * len(LENGTHS)
+    # Saved and loaded: the same head and the same outputs.
+    light.save_pretrained(tmp_path)
+    loaded = MagicPyramidForSequenceClassification.from_pretrained(str(tmp_path)).eval()
+    assert loaded.config.exit_head == "light" and type(loaded.exits["1"]) is LightExitHead
+    with torch.no_grad():
+        again = loaded(input_ids=input_ids, attention_mask=attention_mask, exit_threshold=1.0)
+    torch.testing.assert_close(again.logits, light_out.logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"exit_head='tiny' is not supported; choose one of 'full', 'light'"):
+        MagicPyramidConfig(backbone_config=stock.config, exit_head="tiny")

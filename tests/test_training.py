@@ -33,12 +33,12 @@ NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def toy_data(n: int, seed: int, names=("neg", "pos")) -> datasets.Dataset:
-    """Label = which of two marker words the snippet holds; lengths 4-19 words."""
+def toy_data(n: int, seed: int, names=("neg", "pos"), lengths=(4, 20)) -> datasets.Dataset:
+    """Label = which of two marker words the snippet holds; lengths 4-19 words (`lengths`: [low, high) words)."""
     generator = torch.Generator().manual_seed(seed)
     texts, labels = [], []
     for i in range(n):
-        length = int(torch.randint(4, 20, (1,), generator=generator))
+        length = int(torch.randint(*lengths, (1,), generator=generator))
         ids = torch.randint(10, 94, (length,), generator=generator).tolist()
         label = i % len(names)
         ids[int(torch.randint(0, length, (1,), generator=generator))] = label
@@ -145,6 +145,29 @@ def test_ltp_soft_phase_learns_thresholds_with_teacher(tmp_path, tokenizer, enco
     assert not any("teacher" in n for n, _ in trainer.model.named_parameters())
 
 
+@pytest.mark.parametrize("every_exit", [False, True])
+def test_joint_exits_distilled_from_the_teacher_depth_weighted(tmp_path, tokenizer, encoded, every_exit):
+    """exit_teacher="every_exit": loss = (1 - α) · joint task loss + α · Σ_k layer_k · soft-CE(exit_k, teacher) / Σ layer_k;
+    without it only the final exit learns from the teacher. Checked against the formula by hand."""
+    from hf_magicpyramid.training import soft_cross_entropy
+
+    model = tiny_pyramid(exit_objective="joint", exit_pooling="mean", exit_layers=[1, 3]).train()  # exits after 1, 3, 4
+    teacher = tiny_stock("bert", num_labels=2, seed=1, **NO_DROPOUT)
+    trainer = MagicPyramidTrainer(model=model, args=args_for(tmp_path), processing_class=tokenizer, teacher=teacher,
+                                  distillation_alpha=0.3, distillation_temperature=2.0, distill_every_exit=every_exit)
+    inputs = DataCollatorWithPadding(tokenizer)([encoded[i] for i in range(6)])
+    loss = trainer.compute_loss(model, dict(inputs))
+    with torch.no_grad():
+        outputs = model(**inputs, output_all_exits=True)
+        teacher_logits = teacher(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        if every_exit:
+            distill = sum(w * soft_cross_entropy(l, teacher_logits, 2.0) for w, l in zip((1, 3, 4), outputs.exit_logits)) / 8
+        else:
+            distill = soft_cross_entropy(outputs.exit_logits[-1], teacher_logits, 2.0)
+        expected = 0.7 * outputs.loss + 0.3 * distill
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loss scaling: gradient accumulation gives the same step as one big batch
 # ---------------------------------------------------------------------------------------------------------------------
@@ -231,8 +254,9 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path, tiny_dir):
 # The recipe: stages, resume, final model, CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
+# pruning="on": these tests are about the pruning stages themselves (on toy snippets, auto would drop the pruning).
 RECIPE = dict(batch_size=8, epochs=1, pruning_epochs=1, pruned_finetune_epochs=1, exit_epochs=1, logging_steps=2,
-              save_steps=2, disable_tqdm=True, learning_rate=1e-3)
+              save_steps=2, disable_tqdm=True, learning_rate=1e-3, pruning="on")
 
 
 class _Interrupt(Exception):
@@ -413,7 +437,7 @@ def test_rerun_that_changes_no_result_reuses_the_run(tmp_path, tiny_dir, finishe
     [
         (dict(names=("bad", "good")), r"labels were \['neg', 'pos'\], are \['bad', 'good'\]"),
         (dict(seed=5), r"the tokenized training data .* differs"),
-        (dict(exit_epochs=2), r"exit_epochs was 1, is 2; in stage4_exits, training_summary.json"),
+        (dict(exit_epochs=2), r"exit_epochs was 1, is 2; in stage4_exits, stage5_calibrate, training_summary.json"),
         (dict(learning_rate=2e-3), r"learning_rate was 0.001, is 0.002; in stage1_finetune, stage3_pruned_finetune, stage4_exits"),
         (dict(keep_ratios=[1.0, 1.0, 0.9, 0.8]), r"keep_ratios was None, is \[1.0, 1.0, 0.9, 0.8\]"),
         (dict(legacy=True), r"stage1_finetune/ has no readable fingerprint.json .*older version"),
@@ -450,7 +474,7 @@ def test_overwrite_output_dir_retrains_and_keeps_the_users_files(tmp_path, tiny_
     (out / "calibration.json").write_text("{}")  # the old model's calibration: it must not describe the new one
     lines: list[str] = []
     summary = train_magic_pyramid(str(tiny_dir), *small_data(names=("bad", "good")), out, overwrite_output_dir=True,
-                                  log=lines.append, **dict(SMALL, token_pruning="none"))  # stages 1 and 4 only: faster
+                                  log=lines.append, **dict(SMALL, token_pruning="none", calibrate=False))  # stages 1 and 4 only
     assert any("overwrite_output_dir: removed" in line for line in lines)
     assert any("stage1_finetune] done" in line for line in lines)  # retrained, not resumed
     assert (out / "notes.txt").read_text() == "mine" and (out / "plots" / "loss.png").read_bytes() == b"png"
@@ -475,7 +499,7 @@ def test_a_root_save_cut_short_is_redone(tmp_path, tiny_dir, finished_run):
     lines: list[str] = []
     train_magic_pyramid(str(tiny_dir), *small_data(), out, log=lines.append, **SMALL)
     assert not any("nothing to train" in line for line in lines)
-    assert sum("already complete" in line for line in lines) == 3 and not staging.exists()
+    assert sum("already complete" in line for line in lines) == 4 and not staging.exists()  # stages 1, 3, 4, 5
     assert json.loads((out / "training_summary.json").read_text())["fingerprint"] == finished_run[1]["fingerprint"]
     expected = final_weights(finished_run[0])
     assert all(torch.equal(value, final_weights(out)[name]) for name, value in expected.items())
@@ -521,6 +545,7 @@ def test_cli_train_then_sweep(tmp_path, tiny_dir):
         "train", "--backbone", str(tiny_dir), "--train-file", str(train_file), "--validation-file", str(validation_file),
         "--text-column", "sentence", "--output-dir", str(out), "--epochs", "1", "--exit-epochs", "1",
         "--pruned-finetune-epochs", "1", "--token-pruning", "topk", "--batch-size", "8", "--learning-rate", "1e-3",
+        "--pruning", "on", "--calibrate", "false",
     ])
     assert code == 0
     weights = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
@@ -567,6 +592,158 @@ def test_cli_train_then_sweep(tmp_path, tiny_dir):
     config = json.loads((out / "config.json").read_text())
     assert config.get("exit_threshold") == report["chosen"]["setting"]["exit_threshold"]
     assert config["keep_ratio_scale"] == report["chosen"]["setting"]["keep_ratio_scale"]
+
+    # With the calibration stage (the default): the same stages 1-4, then stage 5 only; the stored default is what
+    # `sweep --max_drop 0.5` chooses on the same data.
+    import shutil
+
+    calibrated = tmp_path / "calibrated"
+    for folder in ("stage1_finetune", "stage3_pruned_finetune", "stage4_exits"):
+        shutil.copytree(out / folder, calibrated / folder)
+    argv = [
+        "train", "--backbone", str(tiny_dir), "--train-file", str(train_file), "--validation-file", str(validation_file),
+        "--text-column", "sentence", "--output-dir", str(calibrated), "--epochs", "1", "--exit-epochs", "1",
+        "--pruned-finetune-epochs", "1", "--token-pruning", "topk", "--batch-size", "8", "--learning-rate", "1e-3",
+        "--pruning", "on",
+    ]
+    assert cli_main(argv) == 0
+    summary = json.loads((calibrated / "training_summary.json").read_text())
+    assert [summary["stages"][f"stage{i}_{name}"]["status"] for i, name in ((1, "finetune"), (4, "exits"), (5, "calibrate"))] == [
+        "trained", "trained", "calibrated"]
+    assert hashlib.sha256((calibrated / "model.safetensors").read_bytes()).hexdigest() == weights  # stages reused
+    stored = summary["calibration"]["chosen"]["setting"]
+    config = json.loads((calibrated / "config.json").read_text())
+    assert summary["default_speed"] == stored == {k: config.get(k) for k in stored}
+    assert summary["calibration"]["max_drop"] == 0.5 and isinstance(summary["calibration"]["budget_met"], bool)
+    assert summary["reference"]["eval_accuracy"] == json.loads((calibrated / "calibration.json").read_text())["stock"]["accuracy"]
+    exact_point = next(p for p in json.loads((calibrated / "calibration.json").read_text())["points"]
+                       if p["setting"] == {"exit_threshold": None, "keep_ratio_scale": 0.0})
+    assert summary["final_exact"]["eval_accuracy"] == exact_point["accuracy"]
+    assert summary["final_exact"]["difference"] == exact_point["difference"]
+    code = cli_main(["sweep", "--model", str(calibrated), "--validation-file", str(validation_file), "--text-column",
+                     "sentence", "--max-drop", "0.5", "--batch1-samples", "0", "--batch_size", "64",
+                     "--report_dir", str(tmp_path / "sweep")])
+    assert code == 0
+    swept = json.loads((tmp_path / "sweep" / "calibration.json").read_text())
+    assert swept["chosen"]["setting"] == stored
+    assert json.loads((calibrated / "config.json").read_text()) == config  # the same default, stored again
+    assert cli_main(argv) == 0  # a finished calibration is not redone
+    assert json.loads((calibrated / "training_summary.json").read_text()) == summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pruning only where it pays (issue 12): the length rule, and the validation check after stage 3
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_pruning_length_rule_and_the_numbers_in_its_help():
+    from hf_magicpyramid.arguments import RecipeSettings
+    from hf_magicpyramid.configuration_magic_pyramid import default_keep_ratios
+    from hf_magicpyramid.training import PRUNING_FLOOR_TOKENS, pruning_length_check, topk_kept_tokens
+
+    def check(length, ratios, samples=4):
+        return pruning_length_check([length] * samples, topk_kept_tokens([length] * samples, ratios))
+
+    help_text = " ".join(RecipeSettings.__dataclass_fields__["pruning"].metadata["help"].split())
+    pyramid = default_keep_ratios(6)
+    snippet, review = check(29, pyramid), check(512, pyramid)
+    assert snippet["required_saving"] == review["required_saving"] == round(1 / 6, 4)
+    assert f"0.167 for 6 layers" in help_text and f"plus {PRUNING_FLOOR_TOKENS}" in help_text
+    assert f"saves about {snippet['batch1_time_saving']:.2f} on 29-token snippets" in help_text, snippet
+    assert f"and {review['batch1_time_saving']:.2f} on 512-token reviews" in help_text, review
+    assert not snippet["passed"] and review["passed"]
+    assert snippet["token_layer_saving"] > snippet["batch1_time_saving"]  # at batch 1 the fixed cost dilutes it
+    # By hand: 4 tokens through [1, 0.5] keep 4 then 2: 2 token-layers saved of 8; time 2 / (4 + 36 + 4 + 36).
+    by_hand = pruning_length_check([4], [[4, 2]])
+    assert by_hand["token_layer_saving"] == 0.25 and by_hand["batch1_time_saving"] == round(2 / 80, 4)
+    assert by_hand["required_saving"] == 0.5 and not by_hand["passed"]
+    assert topk_kept_tokens([10, 3], [1.0, 0.5, 0.1], min_kept=2).tolist() == [[10, 5, 2], [3, 2, 2]]
+
+
+AGGRESSIVE = [1.0, 0.5, 0.25, 0.1]  # saves 54% of the token-layers: enough on long texts for a 4-layer model, not short
+SHORT, LONG = (4, 12), (52, 60)  # words per toy text (plus [CLS] and [SEP])
+
+
+@pytest.mark.slow
+def test_short_texts_train_the_exits_without_pruning(tmp_path, tiny_dir):
+    out = tmp_path / "short"
+    lines: list[str] = []
+    summary = train_magic_pyramid(
+        str(tiny_dir), toy_data(24, 0, lengths=SHORT), toy_data(8, 1, lengths=SHORT), out, log=lines.append,
+        **dict(SMALL, pruning="auto", keep_ratios=AGGRESSIVE, max_length=64, calibrate=False))
+    decision = summary["pruning_decision"]
+    assert decision["kept"] is False and decision["mode"] == "auto"
+    assert not decision["length_check"]["passed"] and decision["length_check"]["batch1_time_saving"] < 0.25
+    assert "validation_check" not in decision  # decided before any pruned training
+    assert summary["stages"]["stage3_pruned_finetune"]["status"] == "skipped"
+    assert "no pruning" in summary["stages"]["stage3_pruned_finetune"]["reason"]
+    assert not (out / "stage3_pruned_finetune").exists()
+    assert any(line.startswith("pruning decision: pruning does not pay on the training texts") for line in lines), lines
+    config = json.loads((out / "config.json").read_text())
+    assert config["token_pruning"] == "none" and config.get("keep_ratios") is None  # no schedule at all
+    assert summary["default_speed"] == {"exit_threshold": None}
+    assert json.loads((out / "training_summary.json").read_text())["pruning_decision"] == decision
+    # The exits trained on the stage-1 backbone: its weights are stage 1's, untouched.
+    stage1, final = final_weights(out / "stage1_finetune" / "model"), final_weights(out)
+    for name, value in stage1.items():
+        assert torch.equal(final["backbone." + name], value), name
+
+
+@pytest.mark.slow
+def test_long_texts_keep_pruning_unless_the_validation_check_fails(tmp_path, tiny_dir):
+    import shutil
+
+    data = toy_data(24, 0, lengths=LONG), toy_data(8, 1, lengths=LONG)
+    recipe = dict(SMALL, pruning="auto", keep_ratios=AGGRESSIVE, max_length=64, calibrate=False)
+    out = tmp_path / "long"
+    lines: list[str] = []
+    summary = train_magic_pyramid(str(tiny_dir), *data, out, log=lines.append, **dict(recipe, max_drop=100.0))
+    decision = summary["pruning_decision"]
+    assert decision["length_check"]["passed"] and decision["length_check"]["batch1_time_saving"] > 0.25
+    check = decision["validation_check"]
+    assert decision["kept"] is True and check["passed"] and check["num_samples"] == 8 and check["max_drop"] == 100.0
+    assert check["difference"] == round(check["accuracy"] - check["reference_accuracy"], 3)
+    assert summary["stages"]["stage3_pruned_finetune"]["status"] == "trained"
+    assert any("pruning decision: the pruned fine-tune scores" in line and line.endswith("kept") for line in lines), lines
+    config = json.loads((out / "config.json").read_text())
+    assert config["token_pruning"] == "topk" and config["keep_ratios"] == AGGRESSIVE
+
+    # The same stages 1-3 under a budget no model can meet: the check fails after stage 3, the exits train on the
+    # stage-1 backbone and the saved model has no pruning.
+    failed = tmp_path / "failed"
+    for folder in ("stage1_finetune", "stage3_pruned_finetune"):
+        shutil.copytree(out / folder, failed / folder)
+    lines = []
+    summary = train_magic_pyramid(str(tiny_dir), *data, failed, log=lines.append, **dict(recipe, max_drop=-100.0))
+    decision = summary["pruning_decision"]
+    assert decision["kept"] is False and decision["length_check"]["passed"] and not decision["validation_check"]["passed"]
+    assert "more than max_drop=-100.0" in decision["reason"]
+    assert any("stage3_pruned_finetune] already complete" in line for line in lines)
+    assert summary["stages"]["stage4_exits"]["pruning_decision"] == decision
+    config = json.loads((failed / "config.json").read_text())
+    assert config["token_pruning"] == "none" and config.get("keep_ratios") is None
+    stage1, final = final_weights(failed / "stage1_finetune" / "model"), final_weights(failed)
+    for name, value in stage1.items():
+        assert torch.equal(final["backbone." + name], value), name
+
+
+@pytest.mark.slow
+def test_calibration_on_rows_held_out_of_training_with_folds(tmp_path, tiny_dir):
+    """calibration_holdout: a seeded share of the training rows never trains and calibrates the speed (here without any
+    validation data); calibration_folds adds the cross-validated estimate to the summary and calibration.json."""
+    out = tmp_path / "holdout"
+    lines: list[str] = []
+    summary = train_magic_pyramid(str(tiny_dir), toy_data(32, 0), None, out, log=lines.append,
+                                  **dict(SMALL, token_pruning="none", calibration_holdout=0.25, calibration_folds=2))
+    assert summary["train_samples"] == 24 and summary["calibration_holdout_samples"] == 8
+    assert summary["stages"]["stage4_exits"]["global_steps"] == 3  # 24 rows, batch 8: the held-out rows never train
+    calibration = summary["calibration"]
+    assert calibration["num_samples"] == 8 and calibration["dataset"] == "8 training rows held out"
+    assert calibration["cross_validation"]["folds"] == 2 and len(calibration["cross_validation"]["per_fold"]) == 2
+    assert json.loads((out / "calibration.json").read_text())["cross_validation"] == calibration["cross_validation"]
+    assert any(line.startswith("stage 5/5: calibrate [stage5_calibrate] cross-validated (2 folds") for line in lines), lines
+    assert "reference" not in summary  # no validation split: nothing to compare on there
+    assert summary["default_speed"] == calibration["chosen"]["setting"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -660,7 +837,8 @@ def test_cli_train_with_a_preset(tmp_path, tiny_dir):
     toy_data(16, 1).to_csv(str(validation_file))
     out = tmp_path / "model"
     code = cli_main(["train", "--preset", str(preset_file), "--train-file", str(train_file), "--validation-file",
-                     str(validation_file), "--output-dir", str(out), "--exit-objective", "two_stage"])
+                     str(validation_file), "--output-dir", str(out), "--exit-objective", "two_stage",
+                     "--pruning", "on"])  # the preset's keep_ratios must reach the config (auto drops them on snippets)
     assert code == 0
     config = json.loads((out / "config.json").read_text())
     summary = json.loads((out / "training_summary.json").read_text())
@@ -786,14 +964,15 @@ def logged_run(tmp_path_factory, tiny_dir):
 
 def test_recipe_bars_and_log_lines_are_named_by_stage(logged_run):
     lines, stderr, _, _ = logged_run
-    for label in ("stage 1/4: fine-tune", "stage 3/4: pruned fine-tune", "stage 4/4: train exits"):
+    for label in ("stage 1/5: fine-tune", "stage 3/5: pruned fine-tune", "stage 4/5: train exits"):
         assert f"{label}: 100%" in stderr, label  # the training bar
         assert f"{label} (evaluation): 100%" in stderr, label
-    assert "stage 2/4" not in stderr  # skipped: no bar
-    assert any(line.startswith("stage 1/4: fine-tune [stage1_finetune] done in") for line in lines), lines
-    assert any(line.startswith("stage 2/4: learn pruning [stage2_learn_pruning] skipped: token_pruning='topk'") for line in lines)
-    assert any(line.startswith("stage 3/4: pruned fine-tune [stage3_pruned_finetune] done in") for line in lines)
-    assert any(line.startswith("stage 4/4: train exits [stage4_exits] done in") for line in lines)
+    assert "stage 2/5" not in stderr  # skipped: no bar
+    assert any(line.startswith("stage 1/5: fine-tune [stage1_finetune] done in") for line in lines), lines
+    assert any(line.startswith("stage 2/5: learn pruning [stage2_learn_pruning] skipped: token_pruning='topk'") for line in lines)
+    assert any(line.startswith("stage 3/5: pruned fine-tune [stage3_pruned_finetune] done in") for line in lines)
+    assert any(line.startswith("stage 4/5: train exits [stage4_exits] done in") for line in lines)
+    assert any(line.startswith("stage 5/5: calibrate [stage5_calibrate] done in") for line in lines)
 
 
 def test_recipe_run_shows_no_expected_load_report(logged_run):
