@@ -32,12 +32,14 @@ from .calibration import (
     CALIBRATION_PNG,
     EXIT_KNOBS,
     PRUNING_KNOBS,
+    calibration_file,
     frontier,
     is_default_point,
     load_calibration,
     validate_calibration,
 )
 from .configuration_magic_pyramid import MagicPyramidConfig
+from .quantization import QUANTIZATION_METHODS
 from .modeling_magic_pyramid import AUTO_MAP, REMOTE_CODE_FILES, MagicPyramidPreTrainedModel
 
 MODEL_CARD = "README.md"
@@ -55,8 +57,10 @@ TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.m
 TOKENIZER_FILES = (TOKENIZER_CONFIG, *TOKENIZER_VOCABULARIES, "merges.txt", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 # The allowlist besides weights and code: what a saved model folder holds that loading it needs or shows.
+# `sweep --quantize int8` writes its own calibration beside the fp32 one (`load_quantized` reads it): it travels too.
 MODEL_FILES = (CONFIG_FILE, *TOKENIZER_FILES, "generation_config.json", "preprocessor_config.json", CALIBRATION_JSON,
-               CALIBRATION_PNG)
+               CALIBRATION_PNG, *(calibration_file(method, name) for method in QUANTIZATION_METHODS
+                                  for name in (CALIBRATION_JSON, CALIBRATION_PNG)))
 # Never uploaded, not even through include=: loading a pickle runs code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 NAME_OR_PATH_KEYS = ("_name_or_path", "name_or_path")

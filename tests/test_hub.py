@@ -549,6 +549,8 @@ def make_train_output(published, folder: Path) -> Path:
     calibration = json.loads((folder / "calibration.json").read_text())
     calibration["dataset"] = f"{root}/data/test.csv"
     (folder / "calibration.json").write_text(json.dumps(calibration, indent=2))
+    # What `sweep --quantize int8` writes beside it (`load_quantized` reads it): part of the model too.
+    (folder / "calibration_int8.json").write_text(json.dumps({**calibration, "quantization": "int8"}, indent=2))
     return folder
 
 
@@ -561,7 +563,8 @@ def test_push_of_a_train_output_folder_uploads_the_model_only(published, tmp_pat
         uploaded = {name: Path(hf_hub_download("alice/from-train", name, revision=commit.oid)).read_bytes()
                     for name in files - {".gitattributes"}}
         reloaded = AutoModelForSequenceClassification.from_pretrained("alice/from-train", revision=commit.oid).eval()
-    assert files == MODEL_ALLOWLIST | {".gitattributes"}  # no stage copies, summary, checkpoints or pickles
+    # no stage copies, summary, checkpoints or pickles; the int8 calibration goes with the model
+    assert files == MODEL_ALLOWLIST | {".gitattributes", "calibration_int8.json"}
     assert folder_hashes(folder) == before  # the user's folder is byte-identical
     local_paths = {str(folder), str(folder.resolve()), str(tmp_path.resolve()), str(published.root.resolve()), "/home/someone"}
     for name, data in uploaded.items():
@@ -574,6 +577,7 @@ def test_push_of_a_train_output_folder_uploads_the_model_only(published, tmp_pat
     tokenizer_config = json.loads(uploaded["tokenizer_config.json"])
     assert tokenizer_config == {**json.loads((folder / "tokenizer_config.json").read_text()), "name_or_path": ""}
     assert json.loads(uploaded["calibration.json"])["dataset"] == "test.csv"
+    assert json.loads(uploaded["calibration_int8.json"])["dataset"] == "test.csv"
     assert "(on test.csv; samples: 6" in uploaded["README.md"].decode()
     for name in ("model.safetensors", "tokenizer.json", "calibration.png", *EXPECTED_CODE):
         assert uploaded[name] == (folder / name).read_bytes()
@@ -602,8 +606,8 @@ def test_include_adds_named_files_and_never_pickles(published, tmp_path):
         files = set(HfApi().list_repo_files("alice/included"))
         summary = json.loads(Path(hf_hub_download("alice/included", "training_summary.json")).read_text())
         stage_config = Path(hf_hub_download("alice/included", "stage4_exits/model/config.json")).read_text()
-    assert files == MODEL_ALLOWLIST | {".gitattributes", "LICENSE", "training_summary.json", "stage4_exits/model/config.json",
-                                       "stage4_exits/model/model.safetensors"}
+    assert files == MODEL_ALLOWLIST | {".gitattributes", "calibration_int8.json", "LICENSE", "training_summary.json",
+                                       "stage4_exits/model/config.json", "stage4_exits/model/model.safetensors"}
     assert summary == {"output_dir": "train_out", "backbone": "MiniLM", "train_file": "train.csv",
                        "stages": {"stage4_exits": {"model_dir": "model", "log": "resumed from checkpoint-10"}}}
     assert str(tmp_path.resolve()) not in stage_config
