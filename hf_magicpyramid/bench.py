@@ -481,7 +481,7 @@ def check_targets(report: dict) -> list[dict]:
             ratio = best[key] / lines[reference][key]
             results.append({**target, "best_line": best["label"], "ratio": round(ratio, 3), "met": ratio >= factor,
                             "why": f"{best['label']} is {ratio:.2f}x {LABELS[reference]} (needs {factor:g}x"
-                                   f"{'' if ratio >= factor else f', missed by {factor / ratio:.2f}x'}); its FLOPs ratio "
+                                   f"{'' if ratio >= factor else f': {(1 - ratio / factor) * 100:.0f}% short'}); its FLOPs ratio "
                                    f"to stock is {best['flops_ratio']:.3f}, its speedup over stock {best[key]:.2f}x"})
     return results
 

@@ -231,6 +231,9 @@ class OnnxPyramid:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # One session per graph, each with its own thread pool: threads that spin-wait after their run (ONNX Runtime's
+        # default) would take the cores from the next session in the loop, and from torch.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         suffix = ".int8.onnx" if quantize == "int8" else ".onnx"
         self.sessions = {
             name: ort.InferenceSession(str(self.directory / f"{name}{suffix}"), options, providers=["CPUExecutionProvider"])
