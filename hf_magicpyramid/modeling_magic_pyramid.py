@@ -515,6 +515,21 @@ def _run_encoder(
     return stream, kept_tokens
 
 
+def retire_exited(stream: _Stream, patience_state, done: torch.Tensor, logits: torch.Tensor, logits_out: torch.Tensor,
+                  exit_layer: torch.Tensor, layer_number: int) -> torch.Tensor:
+    """Write out the samples of `stream` that exit after `layer_number` (`done`, (rows,) bool): their `logits` go to
+    `logits_out` (batch, num_labels) and their layer to `exit_layer` (batch,); they leave the stream and the patience
+    state. Returns the updated `logits_out`."""
+    if bool(done.any()):
+        leaving = stream.rows[done]
+        logits_out = logits_out.index_put((leaving,), logits[done])
+        exit_layer[leaving] = layer_number
+        keep = ~done
+        stream.keep_rows(keep)
+        patience_state.keep_rows(keep)
+    return logits_out
+
+
 def prune_tokens(stream: _Stream, kind: str, value, min_kept_tokens: int) -> None:
     """Remove tokens from `stream` after a layer: `kind` "topk" keeps `value` (a keep ratio) of each sample's original
     tokens, "threshold" keeps those whose importance reaches `value`; at least `min_kept_tokens` stay. The layer's
@@ -743,13 +758,7 @@ class MagicPyramidForSequenceClassification(MagicPyramidPreTrainedModel):
             done = exit_decision(
                 logits, config.exit_criterion, threshold, patience_value, problem_type, patience_state, config.regression_tolerance
             )
-            if bool(done.any()):
-                leaving = stream.rows[done]
-                logits_out = logits_out.index_put((leaving,), logits[done])
-                exit_layer[leaving] = layer_number
-                keep = ~done
-                stream.keep_rows(keep)
-                patience_state.keep_rows(keep)
+            logits_out = retire_exited(stream, patience_state, done, logits, logits_out, exit_layer, layer_number)
             return False
 
         stream, kept_tokens = _run_encoder(

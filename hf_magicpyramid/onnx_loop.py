@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .exits import PatienceState, exit_decision, exit_rule_can_fire, resolve_problem_type
-from .modeling_magic_pyramid import MagicPyramidClassifierOutput, _resolve_speed, _Stream, prune_tokens
+from .modeling_magic_pyramid import MagicPyramidClassifierOutput, _resolve_speed, _Stream, prune_tokens, retire_exited
 from .pruning import AttentionCapture
 
 OPSET = 17
@@ -287,13 +287,7 @@ class OnnxPyramid:
                     logits_out = logits.new_zeros(batch, logits.shape[-1])
                 done = exit_decision(logits, config.exit_criterion, speed.exit_threshold, speed.patience, problem_type,
                                      patience_state, config.regression_tolerance)
-                if bool(done.any()):
-                    leaving = stream.rows[done]
-                    logits_out = logits_out.index_put((leaving,), logits[done])
-                    exit_layer[leaving] = layer_number
-                    keep = ~done
-                    stream.keep_rows(keep)
-                    patience_state.keep_rows(keep)
+                logits_out = retire_exited(stream, patience_state, done, logits, logits_out, exit_layer, layer_number)
             if stream.rows.numel() == 0:
                 break
             if next_step is not None:
