@@ -826,13 +826,9 @@ def calibrate_folder(
     save_report(report, report_dir)
     if max_drop is not None:
         chosen = report["chosen"]
-        if not report["budget_met"]:
-            log(
-                f"WARNING: no setting is within {max_drop} points of the reference {METRIC_LABELS[report['metric']]} "
-                f"({report['reference_accuracy']:.2f}% on {report['num_samples']} samples). Storing the most accurate "
-                f"setting measured instead: {_describe_setting(chosen['setting'])} at {chosen['accuracy']:.2f}% "
-                f"({chosen['accuracy'] - report['reference_accuracy']:+.2f} points), FLOPs ratio {chosen['flops_ratio']:.3f}."
-            )
+        warning = budget_warning(report)
+        if warning:
+            log(warning)
         note = resolution_note(report)
         if note:
             log(note)
@@ -848,6 +844,20 @@ def calibrate_folder(
         log(f"Stored the default speed {chosen['setting']} in {model_dir / 'config.json'}")
     plot_or_skip(report, report_dir, log=log)
     return report
+
+
+def budget_warning(report: dict) -> str | None:
+    """A WARNING when no setting met the report's `max_drop` (the most accurate setting measured is stored instead),
+    with the numbers; None when the budget was met or none was given."""
+    if report.get("max_drop") is None or report.get("budget_met", True):
+        return None
+    chosen = report["chosen"]
+    return (
+        f"WARNING: no setting is within {report['max_drop']} points of the reference {METRIC_LABELS[report['metric']]} "
+        f"({report['reference_accuracy']:.2f}% on {report['num_samples']} samples). Storing the most accurate "
+        f"setting measured instead: {_describe_setting(chosen['setting'])} at {chosen['accuracy']:.2f}% "
+        f"({chosen['accuracy'] - report['reference_accuracy']:+.2f} points), FLOPs ratio {chosen['flops_ratio']:.3f}."
+    )
 
 
 def resolution_note(report: dict) -> str | None:
@@ -940,6 +950,7 @@ __all__ = [
     "paired_difference",
     "cross_validated_choice",
     "add_cross_validation",
+    "budget_warning",
     "resolution_note",
     "samples_to_resolve",
     "CALIBRATION_JSON",

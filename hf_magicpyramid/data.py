@@ -595,39 +595,16 @@ def _not_utf8(path: str, split: str) -> ValueError:
     return ValueError(f"The {split} file {path} is not UTF-8. Save it as UTF-8.")
 
 
-def _read_delimited(path: str, split: str, fmt: str):
-    """A CSV or TSV file -> ({column: [cell, ...]}, first line of each row, "line"); see `load_text_files`."""
-    delimiter = _DELIMITERS[fmt]
-    quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
-    header: Optional[List[str]] = None
-    header_line = 0
-    cells: List[List[str]] = []
-    positions = array("q")
-    bad = []  # (first line, last line, field count) of rows with the wrong number of fields
-    start = 1
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+def delimited_records(handle, fmt: str, source: str):
+    """Each record of an open CSV/TSV text `handle`: (first line, last line, fields), blank lines skipped. A record
+    csv cannot parse raises a ValueError naming `source` ("The train file x.csv") and the line the record starts on."""
+    reader = csv.reader(handle, delimiter=_DELIMITERS[fmt], quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
+    while True:
+        start = reader.line_num + 1
         try:
-            while True:
-                start = reader.line_num + 1
-                try:
-                    record = next(reader)
-                except StopIteration:
-                    break
-                if not record:  # a blank line is not a row
-                    continue
-                if header is None:
-                    header, header_line = _header(record, path, split, start), start
-                    cells = [[] for _ in header]
-                    continue
-                if len(record) != len(header):
-                    bad.append((start, reader.line_num, len(record)))
-                    continue
-                for column, value in zip(cells, record):
-                    column.append(value)
-                positions.append(start)
-        except UnicodeDecodeError:
-            raise _not_utf8(path, split) from None
+            record = next(reader)
+        except StopIteration:
+            return
         except csv.Error as error:
             hint = (
                 f" A field that long usually means a quote (\") opened on line {start} never closes: close it, and "
@@ -635,9 +612,34 @@ def _read_delimited(path: str, split: str, fmt: str):
                 if "field limit" in str(error)
                 else ""
             )
-            raise ValueError(
-                f"The {split} file {path} cannot be read as {fmt.upper()}: the row starting on line {start}: {error}.{hint}"
-            ) from None
+            raise ValueError(f"{source} cannot be read as {fmt.upper()}: the row starting on line {start}: {error}.{hint}") from None
+        if record:  # a blank line is not a row
+            yield start, reader.line_num, record
+
+
+def _read_delimited(path: str, split: str, fmt: str):
+    """A CSV or TSV file -> ({column: [cell, ...]}, first line of each row, "line"); see `load_text_files`."""
+    delimiter = _DELIMITERS[fmt]
+    header: Optional[List[str]] = None
+    header_line = 0
+    cells: List[List[str]] = []
+    positions = array("q")
+    bad = []  # (first line, last line, field count) of rows with the wrong number of fields
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        try:
+            for start, end, record in delimited_records(handle, fmt, f"The {split} file {path}"):
+                if header is None:
+                    header, header_line = _header(record, path, split, start), start
+                    cells = [[] for _ in header]
+                    continue
+                if len(record) != len(header):
+                    bad.append((start, end, len(record)))
+                    continue
+                for column, value in zip(cells, record):
+                    column.append(value)
+                positions.append(start)
+        except UnicodeDecodeError:
+            raise _not_utf8(path, split) from None
     example = delimiter.join(("text", "label")).replace("\t", "<TAB>")
     if header is None:
         raise ValueError(

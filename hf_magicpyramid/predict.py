@@ -50,7 +50,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import torch
 
-from .data import _DELIMITERS, _header, _json_kind
+from .data import _DELIMITERS, _header, _json_kind, delimited_records
 
 __all__ = ["BAD_ROW_POLICIES", "PREDICT_FORMATS", "predict_file", "predict_texts"]
 
@@ -320,22 +320,9 @@ class _Reader:
                           f"Choose one with {flag}.")
 
     def _delimited_rows(self):
-        delimiter = _DELIMITERS[self.fmt]
-        quoting = csv.QUOTE_NONE if self.fmt == "tsv" else csv.QUOTE_MINIMAL
         with open(self.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-            reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
             header = None
-            while True:
-                start = reader.line_num + 1
-                try:
-                    record = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as error:
-                    raise ValueError(f"The input file {self.path} cannot be read as {self.fmt.upper()}: the row starting "
-                                     f"on line {start}: {error}. A quote (\") opened there may never close.") from None
-                if not record:
-                    continue
+            for start, end, record in delimited_records(handle, self.fmt, f"The input file {self.path}"):
                 if header is None:
                     if any(_has_surrogates(name) for name in record):
                         raise ValueError(f"The input file {self.path} is not UTF-8 in its header (line {start}): save it "
@@ -349,7 +336,6 @@ class _Reader:
                     text_at = header.index(self.text_column)
                     pair_at = None if self.pair_column is None else header.index(self.pair_column)
                     continue
-                end = reader.line_num
                 place = f"line {start}"
                 error = None
                 if any(_has_surrogates(cell) for cell in record):

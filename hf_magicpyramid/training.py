@@ -1113,7 +1113,7 @@ def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSetting
                      log, dataset_name: str = "the validation split", stock_name: str | None = None) -> tuple[dict, dict]:
     """Stage 5: `calibration.calibrate` (the sweep's code) on the validation data against the stage-1 model, with
     `max_drop`; the report saved as `stage_dir/calibration.json`, then the marker. Returns (report, info)."""
-    from .calibration import add_cross_validation, calibrate, resolution_note, save_report
+    from .calibration import add_cross_validation, budget_warning, calibrate, resolution_note, save_report
 
     name = STAGE_FOLDERS[4]
     if is_main_process():
@@ -1150,10 +1150,9 @@ def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSetting
     }
     _write_marker(stage_dir, info)
     log(f"{tag} {report['table']}")
-    if not report["budget_met"]:
-        log(f"{tag} WARNING: no setting is within max_drop={settings.max_drop} points of the stage-1 reference "
-            f"({report['reference_accuracy']:.2f}%): the most accurate setting measured is the default "
-            f"({chosen['accuracy']:.2f}%, {chosen['difference']:+.2f} points).")
+    warning = budget_warning(report)
+    if warning:
+        log(f"{tag} {warning}")
     if info["note"]:
         log(f"{tag} {info['note']}")
     log(f"{tag} done in {info['seconds']:.0f}s: default speed {chosen['setting']} ({chosen['accuracy']:.2f}% on validation, "

@@ -30,6 +30,7 @@ from hf_magicpyramid.calibration import (
     _forward_kwargs,
     _predict,
     best_within,
+    budget_warning,
     calibrate,
     choose_point,
     format_table,
@@ -321,6 +322,17 @@ def test_table_says_pruning_off_never_and_what_the_marker_means():
     assert len(marked) == 1 and "pruning off" in marked[0]
     assert "* chosen as a FALLBACK: no setting is within 1.0 points of the reference 85.00%" in table
     assert "(-5.00 points)" in table
+
+
+def test_budget_warning_names_the_fallback_and_its_numbers():
+    # One text for `sweep` and for train's last stage: the budget, the reference, and what was stored instead.
+    assert budget_warning(table_report(budget_met=True)) is None
+    warning = budget_warning(table_report(budget_met=False))
+    assert warning == (
+        "WARNING: no setting is within 1.0 points of the reference accuracy (85.00% on 40 samples). Storing the most "
+        "accurate setting measured instead: exit_threshold=never, pruning off at 80.00% (-5.00 points), FLOPs ratio 1.000."
+    )
+    assert budget_warning({**table_report(budget_met=False), "max_drop": None}) is None
 
 
 def test_table_of_a_threshold_model_and_a_multi_label_one():
