@@ -6,6 +6,7 @@ This file travels to the Hub as custom code: it imports only installed packages 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -26,6 +27,20 @@ def default_keep_ratios(num_layers: int, final_ratio: float = 0.5) -> list[float
     if num_layers == 1:
         return [1.0]
     return [round(1.0 - (1.0 - final_ratio) * i / (num_layers - 1), 4) for i in range(num_layers)]
+
+
+def _refuse_misspelt_fields(kwargs: dict) -> None:
+    """PreTrainedConfig keeps unknown keyword arguments as attributes, so `exit_treshold=0.5` would be ignored in
+    silence. A name that is not a field but close to one of ours is refused, naming the field it resembles."""
+    import difflib
+
+    ours = [field.name for field in dataclasses.fields(MagicPyramidConfig) if field.name in MagicPyramidConfig.__annotations__]
+    for name in kwargs:
+        if name in ours or hasattr(PreTrainedConfig, name):
+            continue
+        close = difflib.get_close_matches(name, ours, n=1, cutoff=0.85)
+        if close:
+            raise TypeError(f"MagicPyramidConfig() got an unexpected keyword argument {name!r}; did you mean {close[0]!r}?")
 
 
 class MagicPyramidConfig(PreTrainedConfig):
@@ -133,6 +148,7 @@ class MagicPyramidConfig(PreTrainedConfig):
     embedding_rank: int | None = None
 
     def __post_init__(self, **kwargs):
+        _refuse_misspelt_fields(kwargs)
         # Keep our own copy: transformers resets sub-configs' attention settings, which must not reach the caller's model.
         if isinstance(self.backbone_config, PreTrainedConfig):
             self.backbone_config = copy.deepcopy(self.backbone_config)

@@ -9,6 +9,7 @@ This file travels to the Hub as custom code: it imports only installed packages 
 
 from __future__ import annotations
 
+import collections
 import copy
 import difflib
 import inspect
@@ -1007,11 +1008,12 @@ def _load_problem(model, source: str, info: dict, ignore_mismatched: bool) -> st
     where = f"The checkpoint in {source} does not fit its config.json"
     if mismatched:
         return where + ": " + _mismatch_cause(config, mismatched)
-    cause = _structure_cause(config, missing, unexpected)
+    layer_sizes = collections.Counter(int(m.group(1)) for k in model.state_dict() if (m := _LAYER_INDEX.search(k)))
+    cause = _structure_cause(config, missing, unexpected, layer_sizes)
     listed = "; ".join(
         f"{kind} {len(keys)} tensors (e.g. {', '.join(keys[:3])})" for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys
     )
-    return f"{where} ({listed}): {cause} Restore the config.json saved with these weights."
+    return f"{where} ({listed}): {cause}"
 
 
 def _mismatch_cause(config, mismatched) -> str:
@@ -1039,28 +1041,40 @@ def _mismatch_cause(config, mismatched) -> str:
     )
 
 
-def _structure_cause(config, missing: list[str], unexpected: list[str]) -> str:
-    """What most likely changed in config.json, from the names of the tensors that do not fit."""
+_RESTORE = " Restore the config.json saved with these weights."
+
+
+def _structure_cause(config, missing: list[str], unexpected: list[str], layer_sizes: dict[int, int]) -> str:
+    """What most likely changed in config.json (or the file), from the names of the tensors that do not fit, and what to do."""
     bases = {entry.base_attr: name for name, entry in ADAPTERS.items()}
     saved_bases = {k.split(".")[1] for k in unexpected if k.startswith("backbone.") and k.split(".")[1] in bases}
     built_base = check_supported(config.backbone_type).base_attr
     if saved_bases and built_base not in saved_bases and any(k.startswith(f"backbone.{built_base}.") for k in missing):
         saved = "/".join(sorted(bases[b] for b in saved_bases))
-        return f"the weights are for a {saved} backbone, but config.json says backbone_config.model_type={config.backbone_type!r}."
+        return f"the weights are for a {saved} backbone, but config.json says backbone_config.model_type={config.backbone_type!r}." + _RESTORE
     num_layers = config.num_hidden_layers
     extra = {int(m.group(1)) for k in unexpected if (m := _LAYER_INDEX.search(k))}
-    absent = {int(m.group(1)) for k in missing if (m := _LAYER_INDEX.search(k))}
-    if extra or absent:
-        saved_layers = max(extra) + 1 if extra else min(absent)
-        return f"the weights hold {saved_layers} layers, but config.json says num_hidden_layers={num_layers}."
+    absent_keys = collections.Counter(int(m.group(1)) for k in missing if (m := _LAYER_INDEX.search(k)))
+    absent = set(absent_keys)
+    # Whole layers at the end missing (every tensor of each) mean fewer saved layers; anything else, a damaged file.
+    whole = all(absent_keys[i] == layer_sizes.get(i) for i in absent)
+    if extra and not absent:
+        return f"the weights hold {max(extra) + 1} layers, but config.json says num_hidden_layers={num_layers}." + _RESTORE
+    if absent and not extra and whole and min(absent) > 0 and absent == set(range(min(absent), num_layers)):
+        return f"the weights hold {min(absent)} layers, but config.json says num_hidden_layers={num_layers}." + _RESTORE
+    if absent:
+        return (
+            f"the file lacks tensors of layer(s) {sorted(absent)} that config.json's shapes need: the file is incomplete "
+            "or was edited. Save the model again with save_pretrained, or restore the original file."
+        )
     saved_exits = sorted({int(m.group(1)) for k in unexpected if (m := _EXIT_INDEX.search(k))})
     new_exits = sorted({int(m.group(1)) for k in missing if (m := _EXIT_INDEX.search(k))})
     if saved_exits or new_exits:
         return (
             f"config.json's exit_layers={config.exit_layers} do not match the saved exit heads (heads in the file but not "
-            f"in the config: {saved_exits}; in the config but not in the file: {new_exits})."
+            f"in the config: {saved_exits}; in the config but not in the file: {new_exits}). Restore the config.json saved with these weights."
         )
-    return "the model built from config.json has other tensors than the file."
+    return "the model built from config.json has other tensors than the file." + _RESTORE
 
 
 __all__ = ["MagicPyramidModel", "MagicPyramidForSequenceClassification", "MagicPyramidPreTrainedModel", "FactorizedEmbedding"]

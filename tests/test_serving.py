@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -57,6 +58,22 @@ def test_forward_typo_names_the_close_match():
     encoder = MagicPyramidModel(MagicPyramidConfig(backbone_config=tiny_config("bert"), token_pruning="topk")).eval()
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'keep_ratio_scal'; did you mean 'keep_ratio_scale'\?"):
         encoder(input_ids=input_ids, attention_mask=attention_mask, keep_ratio_scal=2.0)
+
+
+def test_config_typo_names_the_close_match(tmp_path):
+    # PreTrainedConfig keeps unknown names as attributes: without this check, exit_treshold would do nothing.
+    with pytest.raises(TypeError, match=r"^MagicPyramidConfig\(\) got an unexpected keyword argument 'exit_treshold'; did you mean 'exit_threshold'\?$"):
+        MagicPyramidConfig(backbone_config=tiny_config("bert"), exit_treshold=0.5)
+    with pytest.raises(TypeError, match=r"'keep_ratio'; did you mean 'keep_ratios'\?$"):
+        MagicPyramidConfig(backbone_config=tiny_config("bert"), token_pruning="topk", keep_ratio=[1.0, 0.5])
+    # The same check guards an edited config.json; the generic config options and a saved config still load.
+    config = MagicPyramidConfig(backbone_config=tiny_config("bert"), exit_threshold=0.5, num_labels=3, problem_type=None)
+    config.save_pretrained(tmp_path)
+    assert MagicPyramidConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "exit_pooling_": "mean"}))
+    with pytest.raises(TypeError, match=r"'exit_pooling_'; did you mean 'exit_pooling'\?$"):
+        MagicPyramidConfig.from_pretrained(tmp_path)
 
 
 def test_forward_takes_what_generic_callers_pass():
@@ -153,6 +170,23 @@ def test_edited_config_is_an_error_not_fresh_weights(saved_pyramid, tmp_path, ca
     path = _edited(saved_pyramid, tmp_path, edit)
     with pytest.raises(ValueError, match=rf"^The checkpoint in {path} does not fit its config.json.*" + message):
         AutoModelForSequenceClassification.from_pretrained(path)
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+def test_a_file_missing_one_tensor_is_named_as_damaged(saved_pyramid, tmp_path, layer):
+    # One tensor gone (of the first layer, or of the last, which must not read as "the weights hold 3 layers").
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "damaged"
+    shutil.copytree(saved_pyramid, target)
+    tensors = load_file(target / "model.safetensors")
+    key = f"backbone.bert.encoder.layer.{layer}.output.dense.bias"
+    del tensors[key]
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"missing 1 tensors \(e.g. {re.escape(key)}\)\): the file lacks tensors of layer\(s\) "
+                       rf"\[{layer}\] that config.json's shapes need: the file is incomplete or was edited\. Save the model "
+                       r"again with save_pretrained, or restore the original file\.$"):
+        AutoModelForSequenceClassification.from_pretrained(target)
 
 
 def test_encoder_from_an_edited_classifier_checkpoint_is_an_error(saved_pyramid, tmp_path):
