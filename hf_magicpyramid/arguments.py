@@ -172,9 +172,10 @@ class RecipeSettings:
         "setting as the model's default. --calibrate false skips it: the saved default is then the exact model (no "
         "early exit, no pruning).")
     calibration_folds: int = _arg(
-        0, "With 2 or more: also estimate the calibrated setting's drop without selection bias, by K-fold "
-        "cross-validation of the choice on the validation split (choose on K-1 folds, score on the held-out one); "
-        "reported beside the chosen point. Worth it when the validation set is too small to resolve --max_drop. 0: off.")
+        5, "Guard the calibrated choice against selection bias by K-fold cross-validation of the rule on the calibration "
+        "data (choose on K-1 folds, score on the held-out one): when the cheapest setting within --max_drop lands beyond "
+        "it on held-out samples, the choice is made within a tighter budget (0.75, 0.5, 0.25, 0 times it; else the "
+        "exact model). Matters on small validation sets. 0: off.")
     calibration_holdout: float = _arg(
         0.0, "A share of the training rows, in [0, 0.5), set aside (seeded) before any training and added to the "
         "validation data of the calibration stage: more samples to resolve --max_drop when the validation set is small "
@@ -318,8 +319,9 @@ class SweepArguments:
         "model. Writes calibration_int8.json / .png; with --max_drop its default speed is stored there (applied by "
         "hf_magicpyramid.load_quantized), config.json keeps the fp32 default.")
     calibration_folds: int = _arg(
-        0, "With --max_drop and 2 or more: also estimate the chosen setting's drop without selection bias, by K-fold "
-        "cross-validation of the choice (choose on K-1 folds, score on the held-out one). 0: off.")
+        5, "With --max_drop: guard the choice against selection bias by K-fold cross-validation of the rule (choose on "
+        "K-1 folds, score on the held-out one): when the cheapest setting within --max_drop lands beyond it on held-out "
+        "samples, the choice is made within a tighter budget (0.75, 0.5, 0.25, 0 times it; else the exact model). 0: off.")
 
     def __post_init__(self):
         check_choice("quantize", self.quantize, QUANTIZATION_METHODS, optional=True)

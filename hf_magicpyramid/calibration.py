@@ -302,13 +302,55 @@ def cross_validated_choice(points: list[dict], reference_correct, max_drop: floa
 
 
 def describe_cross_validation(result: dict, max_drop: float) -> str:
-    """One line for a `cross_validated_choice` result."""
+    """One line for a `cross_validated_choice` (or `guarded_choice`) result."""
+    tried = result.get("tried") or []
+    if len(tried) > 1 or result.get("internal_budget", max_drop) != max_drop:
+        steps = "; ".join(f"within {t['budget']:g}: {t['difference']:+.2f} ± {t['difference_interval']:.2f}" for t in tried)
+        used = ("the exact model (no early exit, no pruning)" if result["internal_budget"] is None
+                else f"the cheapest setting within {result['internal_budget']:g} points")
+        return (
+            f"cross-validated ({result['folds']} folds, choose on {result['folds'] - 1}, score on the held-out one): choosing "
+            f"the cheapest setting within {max_drop} points lands beyond the budget on held-out samples, so the default is "
+            f"{used} (held-out points vs the reference, {steps})."
+        )
+    met = "" if result.get("budget_met_folds") is None else (
+        f"; met on the choosing folds in {result['budget_met_folds']} of {result['folds']}")
     return (
         f"cross-validated ({result['folds']} folds, choose on {result['folds'] - 1}, score on the held-out one): the "
         f"chosen setting lands {result['difference']:+.2f} ± {result['difference_interval']:.2f} points from the "
-        f"reference on held-out samples (budget -{max_drop}; met on the choosing folds in "
-        f"{result['budget_met_folds']} of {result['folds']})."
+        f"reference on held-out samples (budget -{max_drop}{met})."
     )
+
+
+# Budgets tried, as shares of max_drop, when the sweep's rule lands below the budget on held-out folds.
+GUARD_SHARES = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def guarded_choice(points: list[dict], reference_correct, max_drop: float, folds: int, seed: int = 42) -> tuple[dict, dict]:
+    """`choose_point`, guarded against selection bias by K-fold cross-validation of the rule itself.
+
+    Choosing the cheapest of many settings within `max_drop` on the same samples that measure them favours settings
+    whose errors happened to miss those samples: on a small validation set the chosen setting's drop on new data is
+    larger than measured. This cross-validates the rule "the cheapest within b" (`cross_validated_choice`) for b =
+    max_drop, then 0.75, 0.5, 0.25 and 0 times it, and chooses on all samples with the first b whose held-out drop is
+    within `max_drop`; when none is, the exact model (no early exit, no pruning). Returns (chosen point, the
+    cross-validation record: its "difference" / "difference_interval" are those of the b used, "internal_budget" is b
+    (None for the exact model) and "tried" lists each b's held-out difference)."""
+    reference = torch.as_tensor(reference_correct, dtype=torch.float64)
+    reference_accuracy = float(reference.mean() * 100)
+    tried = []
+    for share in GUARD_SHARES:
+        budget = round(max_drop * share, 6)
+        result = cross_validated_choice(points, reference_correct, budget, folds, seed)
+        tried.append({"budget": budget, "difference": result["difference"], "difference_interval": result["difference_interval"]})
+        if result["difference"] >= -max_drop:
+            chosen, _ = choose_point(points, reference_accuracy, budget)
+            return chosen, dict(result, internal_budget=budget, tried=tried)
+    exact = [p for p in points if not p.get("early_exit") and not p.get("pruning")]
+    chosen = exact[0] if exact else max(points, key=lambda p: (p["accuracy"], -p["flops_ratio"]))
+    difference, half_width = paired_difference(chosen["_correct"], reference_correct)
+    return chosen, {"folds": folds, "difference": round(difference, 3), "difference_interval": round(half_width, 3),
+                    "budget_met_folds": None, "per_fold": [], "internal_budget": None, "tried": tried}
 
 
 def best_within(report: dict, max_drop: float, early_exit: bool | None = None, pruning: bool | None = None) -> dict | None:
@@ -515,6 +557,7 @@ def calibrate(
     seed: int = 42,
     dataset_name: str | None = None,
     keep_correct: bool = False,
+    folds: int = 0,
     log=print,
 ) -> dict[str, Any]:
     """Sweep the exit threshold (or patience) and the pruning knob on `dataset`; return the report dict.
@@ -527,6 +570,8 @@ def calibrate(
     every point on the speed/accuracy frontier, "chosen" only the chosen one, or a list of settings (dicts as in the
     points) to time at batch `batch_size` and at batch 1.
     Timings are on this machine, batch `batch_size` over the whole data, and batch 1 over `batch1_samples` samples.
+    `folds` >= 2 (with `max_drop`): the choice is guarded by K-fold cross-validation (`guarded_choice`), recorded as
+    "cross_validation"; skipped, with a log line, when there are fewer than 2 samples per fold.
     """
     from .training import prepare_dataset
 
@@ -604,15 +649,20 @@ def calibrate(
             difference, half_width = paired_difference(right, stock_correct)
             point["difference"] = round(difference, 3)  # vs the reference, paired over the same samples
             point["difference_interval"] = round(half_width, 3)  # its 95% half-width
-            if keep_correct:  # per-sample correctness, for paired comparisons (not written to calibration.json)
+            if keep_correct or folds:  # per-sample correctness, for paired comparisons (not written to calibration.json)
                 point["_correct"] = right.tolist()
             points.append(point)
         log(f"calibrate: {knob or 'no pruning'}={value}: {len(exit_grid)} exit settings evaluated")
 
     reference = stock_accuracy
-    chosen, budget_met = None, None
+    chosen, budget_met, cross_validation = None, None, None
     if max_drop is not None:
         chosen, budget_met = choose_point(points, reference, max_drop)
+        if folds and budget_met and num_samples < 2 * folds:
+            log(f"calibrate: {num_samples} samples are too few for {folds}-fold cross-validation of the choice; skipped")
+        elif folds and budget_met:
+            chosen, cross_validation = guarded_choice(points, stock_correct.tolist(), max_drop, folds, seed)
+            log(describe_cross_validation(cross_validation, max_drop))
 
     # Wall clock: the stock model and the measured points on the same batches, in the same process, interleaved
     # (each repeat times the stock model, then every point) so that load from other processes hits them alike.
@@ -636,7 +686,7 @@ def calibrate(
         "seconds_batch": round(stock_seconds, 4),
         "flops": full_flops_total,
     }
-    if keep_correct:
+    if keep_correct or folds:
         stock["_correct"] = stock_correct.tolist()
     if single_points and batch1_samples:
         columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded.column_names]
@@ -664,6 +714,7 @@ def calibrate(
         "max_drop": max_drop,
         "chosen": chosen,
         "budget_met": budget_met,
+        "cross_validation": cross_validation,
         "points": points,
         "torch_threads": torch.get_num_threads(),
         "device": _device_description() if not torch.cuda.is_available() else torch.cuda.get_device_name(),
@@ -795,8 +846,8 @@ def calibrate_folder(
 ) -> dict:
     """Load a saved model (and its tokenizer), `calibrate`, write `calibration.json`, with `max_drop` store the chosen
     speed in `config.json` (nothing else in `model_dir` is written), then draw `calibration.png` (skipped with a note
-    when matplotlib is not installed: the results are stored first). With `max_drop` and `folds` >= 2, the report also
-    holds the cross-validated estimate of the chosen setting's drop (`cross_validated_choice`) as "cross_validation".
+    when matplotlib is not installed: the results are stored first). With `max_drop` and `folds` >= 2, the choice is
+    guarded by cross-validation (`guarded_choice`, recorded as "cross_validation").
 
     `quantize="int8"` calibrates the int8 model (`quantization.quantize_model`; int8 moves the exits' confidences) against
     the fp32 stock model, and writes `calibration_int8.json` / `calibration_int8.png`; with `max_drop` its chosen speed
@@ -813,13 +864,9 @@ def calibrate_folder(
         if stock is None:  # the fp32 reference, not the quantized backbone calibrate would copy
             stock = copy.deepcopy(model.backbone)
         model = quantize_model(model, quantize)
-    keep_correct = calibrate_kwargs.pop("keep_correct", False) or bool(folds)
-    report = calibrate(model, dataset, tokenizer, stock_model=stock, max_drop=max_drop, log=log, keep_correct=keep_correct,
-                       **calibrate_kwargs)
+    report = calibrate(model, dataset, tokenizer, stock_model=stock, max_drop=max_drop, log=log, folds=folds, **calibrate_kwargs)
     if quantize:
         report["quantization"] = quantize
-    if folds and max_drop is not None:
-        add_cross_validation(report, folds, log=log)
     if stock_path:
         report["stock"]["model"] = str(stock_path)
     report_dir = Path(report_dir) if report_dir else model_dir
@@ -869,7 +916,7 @@ def resolution_note(report: dict) -> str | None:
         return None
     needed = samples_to_resolve(interval, report["num_samples"], max_drop)
     hint = "" if report.get("cross_validation") else (
-        " Cross-validated calibration (--calibration_folds 5) estimates the chosen setting's drop without selection bias."
+        " Cross-validated calibration (--calibration_folds 5, the default) guards the choice against selection bias."
     )
     return (
         f"NOTE: on {report['num_samples']} samples the chosen setting's difference to the reference is "
@@ -950,6 +997,7 @@ __all__ = [
     "paired_difference",
     "cross_validated_choice",
     "add_cross_validation",
+    "guarded_choice",
     "budget_warning",
     "resolution_note",
     "samples_to_resolve",

@@ -1113,7 +1113,7 @@ def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSetting
                      log, dataset_name: str = "the validation split", stock_name: str | None = None) -> tuple[dict, dict]:
     """Stage 5: `calibration.calibrate` (the sweep's code) on the validation data against the stage-1 model, with
     `max_drop`; the report saved as `stage_dir/calibration.json`, then the marker. Returns (report, info)."""
-    from .calibration import add_cross_validation, budget_warning, calibrate, resolution_note, save_report
+    from .calibration import budget_warning, calibrate, resolution_note, save_report
 
     name = STAGE_FOLDERS[4]
     if is_main_process():
@@ -1125,13 +1125,11 @@ def _run_calibration(final, stock, eval_data, tokenizer, settings: RecipeSetting
     report = calibrate(
         final, eval_data, tokenizer, stock_model=stock, max_drop=settings.max_drop, max_length=settings.max_length,
         batch_size=settings.eval_batch_size, measure="chosen", batch1_samples=min(50, len(eval_data)),
-        keep_correct=settings.calibration_folds > 0, seed=settings.seed, dataset_name=dataset_name,
+        folds=settings.calibration_folds, seed=settings.seed, dataset_name=dataset_name,
         log=lambda line: log(f"{tag} {line}"),
     )
     if stock_name:
         report["stock"]["model"] = stock_name  # as `sweep` records it: the stage-1 model train recorded
-    if settings.calibration_folds:
-        add_cross_validation(report, settings.calibration_folds, seed=settings.seed, log=lambda line: log(f"{tag} {line}"))
     if is_main_process():
         save_report(report, stage_dir)
     chosen = {k: v for k, v in report["chosen"].items() if not k.startswith("_")}

@@ -465,3 +465,40 @@ def test_cross_validated_choice_on_hand_made_predictions():
             cross_validated_choice(noisy, reference, 0.0, bad)
     with pytest.raises(ValueError, match="keep_correct=True"):
         cross_validated_choice([{"setting": {}, "flops_ratio": 1.0}], reference, 0.0, 2)
+
+
+def test_guarded_choice_tightens_the_budget_when_the_rule_misses_it_on_held_out_folds():
+    from hf_magicpyramid.calibration import choose_point, describe_cross_validation, guarded_choice
+
+    def point(threshold, flops, correct, early_exit=True):
+        return {"setting": {"exit_threshold": threshold}, "flops_ratio": flops, "_correct": correct,
+                "accuracy": 100 * sum(correct) / len(correct), "early_exit": early_exit, "pruning": False}
+
+    reference = [1] * 40
+    exact = point(None, 1.0, [1] * 40, early_exit=False)
+    # A setting that really keeps the reference's answers: the rule holds on held-out folds, nothing changes.
+    same = point(0.5, 0.4, [1] * 40)
+    chosen, record = guarded_choice([same, exact], reference, 1.0, folds=4)
+    assert chosen is same and record["internal_budget"] == 1.0 and record["difference"] == 0.0
+    assert [t["budget"] for t in record["tried"]] == [1.0]
+    # Selection bias: 30 cheap settings that each lose 1 or 2 of the 40 answers (2.5-5 points), the first of them
+    # "lucky" on all samples (1 loss: -2.5) and inside a 3-point budget; on held-out folds the rule "cheapest within
+    # 3" keeps picking losers, so the guard tightens, down to the exact model here.
+    generator = torch.Generator().manual_seed(0)
+    noisy = []
+    for i in range(30):
+        correct = [1] * 40
+        for j in torch.randperm(40, generator=generator)[: 1 if i == 0 else 2].tolist():
+            correct[j] = 0
+        noisy.append(point(i / 100, 0.1 + i / 100, correct))
+    points = noisy + [exact]
+    plain, met = choose_point(points, 100.0, 3.0)
+    assert met and plain is noisy[0]
+    chosen, record = guarded_choice(points, reference, 3.0, folds=4)
+    assert record["tried"][0]["budget"] == 3.0 and record["tried"][0]["difference"] < -3.0
+    # Every tighter budget still lets a setting that looks perfect on the choosing folds through: the exact model.
+    assert [t["budget"] for t in record["tried"]] == [3.0, 2.25, 1.5, 0.75, 0.0]
+    assert all(t["difference"] < -3.0 for t in record["tried"])
+    assert chosen is exact and record["internal_budget"] is None and record["difference"] == 0.0
+    line = describe_cross_validation(record, 3.0)
+    assert "lands beyond the budget on held-out samples, so the default is" in line and "within 3: " in line
