@@ -152,9 +152,16 @@ def run_task(task: str, args) -> dict:
 
 
 @torch.inference_mode()
-def _test_answers(model, batches, labels: torch.Tensor) -> torch.Tensor:
+def _test_answers(model, batches, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(per-sample correct, per-sample exit layer or None for a stock model), in one pass over the batches."""
     model.eval()
-    return torch.cat([model(**batch).logits.argmax(-1) for batch in batches]) == labels
+    predictions, exit_layers = [], []
+    for batch in batches:
+        output = model(**batch)
+        predictions.append(output.logits.argmax(-1))
+        if getattr(output, "exit_layer", None) is not None:
+            exit_layers.append(output.exit_layer.double())
+    return torch.cat(predictions) == labels, torch.cat(exit_layers) if exit_layers else None
 
 
 def run_defaults(task: str, args) -> dict:
@@ -189,15 +196,12 @@ def run_defaults(task: str, args) -> dict:
                            split="test", max_samples=args.max_test)
     labels = torch.tensor(test["labels"])
     batches = _batches(test, tokenizer, 32)
-    correct, reference = _test_answers(model, batches, labels), _test_answers(stock, batches, labels)
+    (correct, exits), (reference, _) = _test_answers(model, batches, labels), _test_answers(stock, batches, labels)
     difference, half_width = paired_points(correct, reference)
     stock_seconds, (seconds,) = time_interleaved(stock, model, batches, [{}], repeats=2)
     columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in test.column_names]
     singles = [{c: torch.tensor([test[i][c]]) for c in columns} for i in range(min(args.batch1_samples, len(test)))]
     stock_single, (single,) = time_interleaved(stock, model, singles, [{}], repeats=2) if singles else (None, (None,))
-    exits = []
-    for batch in batches:
-        exits.append(model(**batch).exit_layer.double())
     n = len(labels)
     result = {
         "task": task, "mode": "defaults-only", "command": "hf-magicpyramid " + " ".join(argv),
@@ -210,7 +214,7 @@ def run_defaults(task: str, args) -> dict:
         "plain_test_accuracy": round(float(reference.double().mean() * 100), 3),
         "default_test_accuracy": round(float(correct.double().mean() * 100), 3),
         "difference": round(difference, 3), "difference_interval": round(half_width, 3),
-        "mean_exit_layer": round(float(torch.cat(exits).mean()), 3),
+        "mean_exit_layer": round(float(exits.mean()), 3),
         "speedup_batch32": round(stock_seconds / seconds, 3),
         "speedup_batch1": round(stock_single / single, 3) if singles else None,
         "threads": torch.get_num_threads(),

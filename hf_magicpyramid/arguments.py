@@ -75,6 +75,12 @@ def check_between(name: str, value, low: float, high: float, high_open: bool = F
         raise ValueError(f"{name}={value!r} is out of range: it must be a number in [{low}, {high}{')' if high_open else ']'}.")
 
 
+def check_folds(value) -> None:
+    """--calibration_folds: 0 (off) or an integer >= 2."""
+    if isinstance(value, bool) or not isinstance(value, int) or value == 1 or value < 0:
+        raise ValueError(f"calibration_folds={value!r} is out of range: it must be 0 (off) or an integer >= 2.")
+
+
 def check_choice(name: str, value, allowed, optional: bool = False) -> None:
     if optional and value is None:
         return
@@ -203,8 +209,7 @@ class RecipeSettings:
         check_between("calibration_holdout", self.calibration_holdout, 0.0, 0.5, high_open=True)
         if not _is_number(self.max_drop):
             raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
-        if isinstance(self.calibration_folds, bool) or not isinstance(self.calibration_folds, int) or self.calibration_folds in (1,) or self.calibration_folds < 0:
-            raise ValueError(f"calibration_folds={self.calibration_folds!r} is out of range: it must be 0 (off) or an integer >= 2.")
+        check_folds(self.calibration_folds)
         if self.keep_ratios is not None:
             self.keep_ratios = check_keep_ratio_values(self.keep_ratios)
         self.pyramid_options = parse_pyramid_options(self.pyramid_options)
@@ -325,8 +330,7 @@ class SweepArguments:
 
     def __post_init__(self):
         check_choice("quantize", self.quantize, QUANTIZATION_METHODS, optional=True)
-        if isinstance(self.calibration_folds, bool) or not isinstance(self.calibration_folds, int) or self.calibration_folds in (1,) or self.calibration_folds < 0:
-            raise ValueError(f"calibration_folds={self.calibration_folds!r} is out of range: it must be 0 (off) or an integer >= 2.")
+        check_folds(self.calibration_folds)
         if self.max_drop is not None and not _is_number(self.max_drop):
             raise ValueError(f"max_drop={self.max_drop!r} must be a number of accuracy points, e.g. 0.5.")
         check_count("max_length", self.max_length)

@@ -575,6 +575,8 @@ def calibrate(
     """
     from .training import prepare_dataset
 
+    keep_correct = keep_correct or bool(folds)  # the cross-validation pairs per-sample answers
+
     model.eval()
     config = model.config
     _problem_type(config)  # regression: refused before any work
@@ -649,7 +651,7 @@ def calibrate(
             difference, half_width = paired_difference(right, stock_correct)
             point["difference"] = round(difference, 3)  # vs the reference, paired over the same samples
             point["difference_interval"] = round(half_width, 3)  # its 95% half-width
-            if keep_correct or folds:  # per-sample correctness, for paired comparisons (not written to calibration.json)
+            if keep_correct:  # per-sample correctness, for paired comparisons (not written to calibration.json)
                 point["_correct"] = right.tolist()
             points.append(point)
         log(f"calibrate: {knob or 'no pruning'}={value}: {len(exit_grid)} exit settings evaluated")
@@ -686,7 +688,7 @@ def calibrate(
         "seconds_batch": round(stock_seconds, 4),
         "flops": full_flops_total,
     }
-    if keep_correct or folds:
+    if keep_correct:
         stock["_correct"] = stock_correct.tolist()
     if single_points and batch1_samples:
         columns = [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in encoded.column_names]

@@ -1072,7 +1072,7 @@ def _structure_cause(config, missing: list[str], unexpected: list[str], layer_si
     if saved_exits or new_exits:
         return (
             f"config.json's exit_layers={config.exit_layers} do not match the saved exit heads (heads in the file but not "
-            f"in the config: {saved_exits}; in the config but not in the file: {new_exits}). Restore the config.json saved with these weights."
+            f"in the config: {saved_exits}; in the config but not in the file: {new_exits})." + _RESTORE
         )
     return "the model built from config.json has other tensors than the file." + _RESTORE
 
