@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--assistant", default=None, help="a full-width Magic Pyramid with trained exits (e.g. outputs/demo): "
                         "the students start from it and its exits teach theirs; without it the first step of 'taylor' "
                         "ranks by the final exit only (fresh exits), so pass one to compare taylor with taylor_final")
+    parser.add_argument("--dataset", default="rotten_tomatoes", help="a dataset name that `load_dataset_by_name` knows "
+                        "(rotten_tomatoes, bbc_news, ...); --teacher must then be fine-tuned on it")
     parser.add_argument("--output-dir", default="outputs/bench_slenderize")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--ffn", type=int, default=512)
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
-    splits = load_dataset_by_name("rotten_tomatoes")
+    splits = load_dataset_by_name(args.dataset)
     train, validation, test = splits["train"], splits["validation"], splits["test"]
     if args.max_train:
         train = train.shuffle(seed=0).select(range(args.max_train))
@@ -108,6 +110,8 @@ def main(argv=None) -> int:
         validation = validation.shuffle(seed=0).select(range(min(args.max_eval, len(validation))))
     if args.max_test:
         test = test.shuffle(seed=0).select(range(min(args.max_test, len(test))))
+    if not args.teacher and args.dataset != "rotten_tomatoes":
+        parser.error("--teacher is needed with --dataset other than rotten_tomatoes (the built-in fine-tune knows its labels only)")
     teacher_dir = Path(args.teacher) if args.teacher else fine_tune_teacher(train, out / "teacher", args.teacher_epochs, args.max_length)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
