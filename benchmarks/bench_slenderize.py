@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 96 train / 64 eval / 64 test, widths 8/1024, 1 step")
     parser.add_argument("--output", default="slenderize.json")
     args = parser.parse_args(argv)
+    if not args.teacher and args.dataset != "rotten_tomatoes":
+        parser.error("--teacher is needed with --dataset other than rotten_tomatoes (the built-in fine-tune knows its labels only)")
     if args.quick:
         args.max_train, args.max_eval, args.max_test, args.max_length = 96, 64, 64, 24
         args.heads, args.ffn, args.steps, args.importance_batches, args.epochs_per_step = 8, 1024, 1, 1, 0.5
@@ -110,8 +112,6 @@ def main(argv=None) -> int:
         validation = validation.shuffle(seed=0).select(range(min(args.max_eval, len(validation))))
     if args.max_test:
         test = test.shuffle(seed=0).select(range(min(args.max_test, len(test))))
-    if not args.teacher and args.dataset != "rotten_tomatoes":
-        parser.error("--teacher is needed with --dataset other than rotten_tomatoes (the built-in fine-tune knows its labels only)")
     teacher_dir = Path(args.teacher) if args.teacher else fine_tune_teacher(train, out / "teacher", args.teacher_epochs, args.max_length)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding

@@ -593,8 +593,8 @@ def _distil(student, teacher, assistant, weights, tokenizer, collator, train_dat
         output_dir=str(checkpoints), num_train_epochs=epochs, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=eval_batch_size, warmup_steps=0.06,
         weight_decay=0.01, eval_strategy="no", save_strategy="steps", save_steps=save_steps, save_total_limit=1,
-        logging_steps=logging_steps, report_to="none", seed=seed, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=disable_tqdm, **distributed_kwargs(),
+        logging_steps=logging_steps, report_to="none", seed=seed, dataloader_num_workers=0, disable_tqdm=disable_tqdm,
+        **distributed_kwargs(),
     )
     trainer = SlenderizeTrainer(
         model=student, args=args, train_dataset=train_data, eval_dataset=eval_data, processing_class=tokenizer,

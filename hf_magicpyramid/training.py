@@ -148,14 +148,14 @@ def barrier() -> None:
 
 
 def distributed_kwargs() -> dict:
-    """`TrainingArguments` fields for the launch at hand: under `torchrun` on a machine without a GPU, the Trainer
-    (through accelerate) is distributed only with `use_cpu=True`; the gloo backend is chosen only when WORLD_SIZE > 1.
-    Without these, each process silently trains its own copy of the model."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return {}
-    if torch.cuda.is_available():
-        return {}
-    return {"ddp_backend": "gloo", "use_cpu": True}
+    """`TrainingArguments` fields for the launch and the machine at hand: under `torchrun` on a machine without a GPU,
+    the Trainer (through accelerate) is distributed only with `use_cpu=True`; the gloo backend is chosen only when
+    WORLD_SIZE > 1. Without these, each process silently trains its own copy of the model. Dataloader memory is
+    pinned only with a GPU (on CPU, torch warns at every dataloader)."""
+    kwargs = {"dataloader_pin_memory": torch.cuda.is_available()}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        kwargs.update(ddp_backend="gloo", use_cpu=True)
+    return kwargs
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -518,7 +518,6 @@ def _training_args(output_dir: Path, settings: RecipeSettings, epochs: float, le
         report_to="none",
         seed=settings.seed,
         dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=settings.disable_tqdm,
         **distributed_kwargs(),
     )
